@@ -1,0 +1,48 @@
+# ngx_http_annotation_queue_module: build, run and test.
+#
+#   make          build build/ngx_http_annotation_queue_module.so
+#   make run      PostgreSQL + demo data + nginx on 127.0.0.1:8080
+#   make test     install what is missing, build, run the Test::Nginx suites
+#   make clean
+
+SHELL        := /bin/bash
+NGINX_SRC    ?= /usr/share/nginx/src
+NGINX        ?= /usr/sbin/nginx
+BUILD        := $(CURDIR)/build
+MODULE       := $(BUILD)/ngx_http_annotation_queue_module.so
+CC_OPT       ?= -g -O2 -fPIC -fstack-protector-strong -D_FORTIFY_SOURCE=2 \
+                -Wall -Wextra -Wno-unused-parameter -Werror
+LD_OPT       ?= -Wl,-z,relro -Wl,-z,now -fPIC
+SOURCES      := config ngx_http_annotation_queue_module.c \
+                $(wildcard src/*.c src/*.h)
+
+.PHONY: all deps run test clean
+
+all: $(MODULE)
+
+deps:
+	@scripts/install-deps.sh
+
+$(BUILD)/nginx/Makefile: config
+	rm -rf $(BUILD)/nginx-src $(BUILD)/nginx
+	mkdir -p $(BUILD)
+	cp -r $(NGINX_SRC) $(BUILD)/nginx-src
+	cd $(BUILD)/nginx-src && . ./conf_flags && \
+	    ./configure "$${NGX_CONF_FLAGS[@]}" \
+	        --with-cc-opt='$(CC_OPT)' --with-ld-opt='$(LD_OPT)' \
+	        --add-dynamic-module=$(CURDIR) \
+	        --builddir=$(BUILD)/nginx > $(BUILD)/configure.log \
+	    || { cat $(BUILD)/configure.log; exit 1; }
+
+$(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
+	cd $(BUILD)/nginx-src && $(MAKE) -s -f $(BUILD)/nginx/Makefile modules
+	cp $(BUILD)/nginx/ngx_http_annotation_queue_module.so $(MODULE)
+
+run: deps $(MODULE)
+	@scripts/run.sh
+
+test: deps $(MODULE)
+	@scripts/test.sh
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,431 @@
+
+/*
+ * ngx_http_annotation_queue_module
+ *
+ * Serves POST /api/v1/annotations/queue from PostgreSQL: it authenticates a
+ * bearer key and atomically claims the next item of a queue, in one
+ * prepared statement on a per-worker pool of non-blocking connections.
+ *
+ * This file: directives, configuration, the module definition, the worker's
+ * pools and the content handler's entry.
+ */
+
+
+#include "src/ngx_aq.h"
+
+
+static ngx_int_t ngx_http_annotation_queue_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_annotation_queue_init_process(ngx_cycle_t *cycle);
+static void ngx_http_annotation_queue_exit_process(ngx_cycle_t *cycle);
+static void *ngx_http_annotation_queue_create_main_conf(ngx_conf_t *cf);
+static void *ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf,
+    void *parent, void *child);
+static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
+    ngx_http_annotation_queue_loc_conf_t *alcf);
+static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_annotation_queue_claim(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+
+
+static ngx_conf_num_bounds_t  ngx_http_annotation_queue_pool_size_bounds = {
+    ngx_conf_check_num_bounds, 1, 1024
+};
+
+
+static ngx_command_t  ngx_http_annotation_queue_commands[] = {
+
+    { ngx_string("annotation_queue_database"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_annotation_queue_database,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("annotation_queue_claim"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_claim,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("annotation_queue_pool_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, pool_size),
+      &ngx_http_annotation_queue_pool_size_bounds },
+
+    { ngx_string("annotation_queue_max_waiting"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, max_waiting),
+      NULL },
+
+    { ngx_string("annotation_queue_connect_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, connect_timeout),
+      NULL },
+
+    { ngx_string("annotation_queue_query_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, query_timeout),
+      NULL },
+
+    { ngx_string("annotation_queue_max_body_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, max_body_size),
+      NULL },
+
+    { ngx_string("annotation_queue_lease"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, lease),
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_annotation_queue_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    ngx_http_annotation_queue_create_main_conf, /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_annotation_queue_create_loc_conf, /* create location conf */
+    ngx_http_annotation_queue_merge_loc_conf   /* merge location conf */
+};
+
+
+ngx_module_t  ngx_http_annotation_queue_module = {
+    NGX_MODULE_V1,
+    &ngx_http_annotation_queue_module_ctx, /* module context */
+    ngx_http_annotation_queue_commands,    /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_annotation_queue_init_process, /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_annotation_queue_exit_process, /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_int_t
+ngx_http_annotation_queue_handler(ngx_http_request_t *r)
+{
+    ngx_int_t  rc;
+
+    if (!(r->method & NGX_HTTP_POST)) {
+        rc = ngx_http_discard_request_body(r);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        return ngx_aq_send_error(r, NGX_HTTP_NOT_ALLOWED,
+                                 "method_not_allowed",
+                                 "only POST is allowed here");
+    }
+
+    return ngx_aq_claim_start(r);
+}
+
+
+static ngx_int_t
+ngx_http_annotation_queue_init_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                              i;
+    ngx_aq_pool_t                         **pools;
+    ngx_http_annotation_queue_main_conf_t  *amcf;
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                           ngx_http_annotation_queue_module);
+
+    if (amcf == NULL || amcf->pools == NULL) {
+        return NGX_OK;
+    }
+
+    pools = amcf->pools->elts;
+
+    for (i = 0; i < amcf->pools->nelts; i++) {
+        if (ngx_aq_pool_init(pools[i], cycle) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_annotation_queue_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                              i;
+    ngx_aq_pool_t                         **pools;
+    ngx_http_annotation_queue_main_conf_t  *amcf;
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                           ngx_http_annotation_queue_module);
+
+    if (amcf == NULL || amcf->pools == NULL) {
+        return;
+    }
+
+    pools = amcf->pools->elts;
+
+    for (i = 0; i < amcf->pools->nelts; i++) {
+        ngx_aq_pool_done(pools[i]);
+    }
+}
+
+
+static void *
+ngx_http_annotation_queue_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_annotation_queue_main_conf_t  *amcf;
+
+    amcf = ngx_pcalloc(cf->pool,
+                       sizeof(ngx_http_annotation_queue_main_conf_t));
+    if (amcf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     amcf->pools = NULL;
+     */
+
+    return amcf;
+}
+
+
+static void *
+ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_annotation_queue_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool,
+                       sizeof(ngx_http_annotation_queue_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->database = { 0, NULL };
+     *     conf->pool = NULL;
+     */
+
+    conf->pool_size = NGX_CONF_UNSET_UINT;
+    conf->max_waiting = NGX_CONF_UNSET_UINT;
+    conf->connect_timeout = NGX_CONF_UNSET_MSEC;
+    conf->query_timeout = NGX_CONF_UNSET_MSEC;
+    conf->max_body_size = NGX_CONF_UNSET_SIZE;
+    conf->lease = NGX_CONF_UNSET_MSEC;
+    conf->claim = NGX_CONF_UNSET;
+
+    return conf;
+}
+
+
+static char *
+ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child)
+{
+    ngx_http_annotation_queue_loc_conf_t *prev = parent;
+    ngx_http_annotation_queue_loc_conf_t *conf = child;
+
+    ngx_conf_merge_str_value(conf->database, prev->database, "");
+    ngx_conf_merge_uint_value(conf->pool_size, prev->pool_size, 8);
+    ngx_conf_merge_uint_value(conf->max_waiting, prev->max_waiting, 128);
+    ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout,
+                              5000);
+    ngx_conf_merge_msec_value(conf->query_timeout, prev->query_timeout,
+                              5000);
+    ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
+                              4096);
+    ngx_conf_merge_msec_value(conf->lease, prev->lease, 15 * 60 * 1000);
+    ngx_conf_merge_value(conf->claim, prev->claim, 0);
+
+    if (conf->lease == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"annotation_queue_lease\" must be positive");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->query_timeout == 0 || conf->connect_timeout == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "annotation queue timeouts must be positive");
+        return NGX_CONF_ERROR;
+    }
+
+    if (!conf->claim) {
+        return NGX_CONF_OK;
+    }
+
+    if (conf->database.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"annotation_queue_claim\" needs "
+                           "\"annotation_queue_database\"");
+        return NGX_CONF_ERROR;
+    }
+
+    conf->pool = ngx_http_annotation_queue_pool(cf, conf);
+    if (conf->pool == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * Locations that name the same database with the same pool settings share
+ * one pool per worker.
+ */
+
+static ngx_aq_pool_t *
+ngx_http_annotation_queue_pool(ngx_conf_t *cf,
+    ngx_http_annotation_queue_loc_conf_t *alcf)
+{
+    ngx_uint_t                              i;
+    ngx_aq_pool_t                          *pool, **pools, **pp;
+    ngx_http_annotation_queue_main_conf_t  *amcf;
+
+    amcf = ngx_http_conf_get_module_main_conf(cf,
+                                          ngx_http_annotation_queue_module);
+
+    if (amcf->pools == NULL) {
+        amcf->pools = ngx_array_create(cf->pool, 4, sizeof(ngx_aq_pool_t *));
+        if (amcf->pools == NULL) {
+            return NULL;
+        }
+    }
+
+    pools = amcf->pools->elts;
+
+    for (i = 0; i < amcf->pools->nelts; i++) {
+        pool = pools[i];
+
+        if (pool->size == alcf->pool_size
+            && pool->max_waiting == alcf->max_waiting
+            && pool->connect_timeout == alcf->connect_timeout
+            && pool->query_timeout == alcf->query_timeout
+            && pool->conninfo.len == alcf->database.len
+            && ngx_strncmp(pool->conninfo.data, alcf->database.data,
+                           alcf->database.len)
+               == 0)
+        {
+            return pool;
+        }
+    }
+
+    pool = ngx_pcalloc(cf->pool, sizeof(ngx_aq_pool_t));
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    pool->conninfo = alcf->database;
+    pool->size = alcf->pool_size;
+    pool->max_waiting = alcf->max_waiting;
+    pool->connect_timeout = alcf->connect_timeout;
+    pool->query_timeout = alcf->query_timeout;
+
+    pp = ngx_array_push(amcf->pools);
+    if (pp == NULL) {
+        return NULL;
+    }
+
+    *pp = pool;
+
+    return pool;
+}
+
+
+static char *
+ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_annotation_queue_loc_conf_t *alcf = conf;
+
+    u_char           *p;
+    ngx_str_t        *value;
+    char             *err;
+    PQconninfoOption *opts;
+
+    if (alcf->database.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    /* a C string for libpq; checked now, so that a typo fails "nginx -t" */
+
+    p = ngx_pnalloc(cf->pool, value[1].len + 1);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *ngx_cpymem(p, value[1].data, value[1].len) = '\0';
+
+    err = NULL;
+    opts = PQconninfoParse((const char *) p, &err);
+
+    if (opts == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid \"annotation_queue_database\": %s",
+                           err ? err : "out of memory");
+        if (err) {
+            PQfreemem(err);
+        }
+
+        return NGX_CONF_ERROR;
+    }
+
+    PQconninfoFree(opts);
+
+    alcf->database.data = p;
+    alcf->database.len = value[1].len;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_annotation_queue_claim(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_annotation_queue_loc_conf_t *alcf = conf;
+
+    ngx_http_core_loc_conf_t  *clcf;
+
+    if (alcf->claim != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    alcf->claim = 1;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_annotation_queue_handler;
+
+    return NGX_CONF_OK;
+}

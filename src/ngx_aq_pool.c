@@ -1,0 +1,1032 @@
+
+/*
+ * A pool of non-blocking PostgreSQL connections, one per worker and per
+ * configured database.
+ *
+ * Each connection is a PGconn whose socket is wrapped in an nginx
+ * connection.  Its life: closed -> connecting (PQconnectStart and
+ * PQconnectPoll, under the connect timer) -> preparing (PQsendPrepare of the
+ * claim) -> idle <-> busy (PQsendQueryPrepared, PQflush, PQconsumeInput,
+ * PQgetResult until NULL, under the query timer).  Nothing here ever waits:
+ * every wait is an event or a timer.
+ *
+ * Events are registered level-triggered, so that data libpq left in the
+ * kernel's buffer (PQconsumeInput reads at most what fits in its buffer)
+ * always wakes the worker again; with SSL, bytes already decrypted by
+ * OpenSSL are drained before waiting.
+ *
+ * A query waits in a bounded list for a free connection.  A connection goes
+ * back to the pool only when its results are all read and it is idle
+ * outside a transaction; after a timeout or an error it is closed instead
+ * (a reused dirty socket would hand the next request the previous answer).
+ * A query that reached PostgreSQL is never retried elsewhere: it may have
+ * committed.  A query whose sending failed is retried, as nothing was sent
+ * in full.
+ *
+ * Ownership: the pool owns the PGconn and the nginx connection; PQfinish
+ * closes the socket, so nginx forgets it first.  A request owns its query
+ * and, on cleanup, detaches it (ngx_aq_pool_cancel): late results are then
+ * read and dropped, and the connection is reused.
+ */
+
+
+#include "ngx_aq.h"
+#include "ngx_aq_sql.h"
+#include <openssl/ssl.h>
+#include <sys/stat.h>
+
+
+typedef enum {
+    ngx_aq_conn_closed = 0,
+    ngx_aq_conn_connecting,
+    ngx_aq_conn_preparing,
+    ngx_aq_conn_idle,
+    ngx_aq_conn_busy
+} ngx_aq_conn_state_e;
+
+
+struct ngx_aq_conn_s {
+    ngx_queue_t               queue;
+    ngx_aq_pool_t            *pool;
+    PGconn                   *pg;
+    ngx_connection_t         *c;
+    ino_t                     ino;
+    ngx_aq_query_t           *query;
+    PGresult                 *result;
+    ngx_aq_conn_state_e       state;
+
+    unsigned                  want_read:1;
+    unsigned                  want_write:1;
+};
+
+
+static ngx_int_t ngx_aq_conn_connect(ngx_aq_pool_t *pool);
+static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q);
+static void ngx_aq_conn_handler(ngx_event_t *ev);
+static void ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_read(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_done(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_ready(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_flush(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read,
+    ngx_uint_t write);
+static ngx_int_t ngx_aq_conn_wrap_socket(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_release_socket(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome);
+static void ngx_aq_conn_close(ngx_aq_conn_t *ac);
+static void ngx_aq_pool_dispatch(ngx_aq_pool_t *pool);
+static void ngx_aq_pool_closed(ngx_aq_pool_t *pool, ngx_uint_t connecting);
+static void ngx_aq_pool_fail_waiting(ngx_aq_pool_t *pool,
+    ngx_uint_t outcome);
+static void ngx_aq_query_wait_handler(ngx_event_t *ev);
+static void ngx_aq_query_finish(ngx_aq_query_t *q, PGresult *res,
+    ngx_uint_t outcome);
+static size_t ngx_aq_pg_error_len(const char *msg);
+
+
+ngx_int_t
+ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
+{
+    ngx_uint_t  i;
+
+    pool->conns = ngx_pcalloc(cycle->pool,
+                              pool->size * sizeof(ngx_aq_conn_t));
+    if (pool->conns == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < pool->size; i++) {
+        pool->conns[i].pool = pool;
+    }
+
+    ngx_queue_init(&pool->idle);
+    ngx_queue_init(&pool->waiting);
+    pool->nwaiting = 0;
+    pool->nconnecting = 0;
+    pool->nopen = 0;
+    pool->log = cycle->log;
+
+    /*
+     * The server bounds each statement too: a query the worker gave up on
+     * does not run on.  It comes before the user's conninfo in the
+     * connection parameters, so an "options" there takes precedence.
+     */
+
+    *ngx_snprintf((u_char *) pool->options, sizeof(pool->options) - 1,
+                  "-c statement_timeout=%M", pool->query_timeout) = '\0';
+
+    return NGX_OK;
+}
+
+
+void
+ngx_aq_pool_done(ngx_aq_pool_t *pool)
+{
+    ngx_uint_t  i;
+
+    if (pool->conns == NULL) {
+        return;
+    }
+
+    ngx_aq_pool_fail_waiting(pool, NGX_AQ_QUERY_UNAVAILABLE);
+
+    for (i = 0; i < pool->size; i++) {
+        if (pool->conns[i].state != ngx_aq_conn_closed) {
+            ngx_aq_conn_close(&pool->conns[i]);
+        }
+    }
+}
+
+
+/*
+ * Sends q on an idle connection or queues it for the next free one.
+ * NGX_OK: q->handler will be called later, never from here;
+ * NGX_BUSY: the wait list is full; NGX_DECLINED: no connection can be had.
+ */
+
+ngx_int_t
+ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
+{
+    ngx_aq_conn_t  *ac;
+
+    q->pool = pool;
+    q->conn = NULL;
+
+    while (!ngx_queue_empty(&pool->idle)) {
+        ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
+                            queue);
+
+        if (ngx_aq_conn_send(ac, q) == NGX_OK) {
+            return NGX_OK;
+        }
+
+        /* the connection was found broken and closed: try the next */
+    }
+
+    if (pool->nwaiting >= pool->max_waiting) {
+        return NGX_BUSY;
+    }
+
+    if (pool->nconnecting <= pool->nwaiting && pool->nopen < pool->size) {
+        (void) ngx_aq_conn_connect(pool);
+    }
+
+    if (pool->nopen == 0) {
+        return NGX_DECLINED;
+    }
+
+    q->wait.handler = ngx_aq_query_wait_handler;
+    q->wait.data = q;
+    q->wait.log = q->log;
+
+    ngx_add_timer(&q->wait, pool->query_timeout);
+
+    ngx_queue_insert_tail(&pool->waiting, &q->queue);
+    pool->nwaiting++;
+    q->state = ngx_aq_query_waiting;
+
+    return NGX_OK;
+}
+
+
+/* the request is gone: forget it, let the connection finish on its own */
+
+void
+ngx_aq_pool_cancel(ngx_aq_query_t *q)
+{
+    switch (q->state) {
+
+    case ngx_aq_query_waiting:
+        ngx_queue_remove(&q->queue);
+        q->pool->nwaiting--;
+
+        if (q->wait.timer_set) {
+            ngx_del_timer(&q->wait);
+        }
+
+        break;
+
+    case ngx_aq_query_sent:
+        q->conn->query = NULL;
+        q->conn = NULL;
+        break;
+
+    default:
+        break;
+    }
+
+    q->state = ngx_aq_query_done;
+}
+
+
+static ngx_int_t
+ngx_aq_conn_connect(ngx_aq_pool_t *pool)
+{
+    PGconn         *pg;
+    ngx_uint_t      i;
+    ngx_aq_conn_t  *ac;
+    const char     *keywords[4], *values[4];
+
+    ac = NULL;
+
+    for (i = 0; i < pool->size; i++) {
+        if (pool->conns[i].state == ngx_aq_conn_closed) {
+            ac = &pool->conns[i];
+            break;
+        }
+    }
+
+    if (ac == NULL) {
+        return NGX_BUSY;
+    }
+
+    keywords[0] = "options";
+    values[0] = pool->options;
+    keywords[1] = "application_name";
+    values[1] = "nginx_annotation_queue";
+    keywords[2] = "dbname";
+    values[2] = (const char *) pool->conninfo.data;
+    keywords[3] = NULL;
+    values[3] = NULL;
+
+    pg = PQconnectStartParams(keywords, values, 1);
+
+    if (pg == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, pool->log, 0,
+                      "annotation queue: PQconnectStartParams() failed");
+        return NGX_ERROR;
+    }
+
+    if (PQstatus(pg) == CONNECTION_BAD) {
+        ngx_log_error(NGX_LOG_ERR, pool->log, 0,
+                      "annotation queue: could not connect to PostgreSQL: "
+                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(pg)),
+                      PQerrorMessage(pg));
+        PQfinish(pg);
+        return NGX_DECLINED;
+    }
+
+    ac->pg = pg;
+    ac->state = ngx_aq_conn_connecting;
+    pool->nopen++;
+    pool->nconnecting++;
+
+    if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        return NGX_ERROR;
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, pool->log, 0,
+                   "annotation queue: connecting on fd:%d", ac->c->fd);
+
+    /* after PQconnectStart, wait as if PQconnectPoll asked for writing */
+
+    ac->want_read = 0;
+    ac->want_write = 1;
+
+    if (ngx_aq_conn_watch(ac, 0, 1) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        return NGX_ERROR;
+    }
+
+    ngx_add_timer(ac->c->read, pool->connect_timeout);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
+{
+    PostgresPollingStatusType  status;
+
+    status = PQconnectPoll(ac->pg);
+
+    if (status == PGRES_POLLING_FAILED) {
+        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                      "annotation queue: could not connect to PostgreSQL: "
+                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    /* libpq may have moved to another socket (host lists, SSL fallback) */
+
+    if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    switch (status) {
+
+    case PGRES_POLLING_READING:
+        ac->want_read = 1;
+        ac->want_write = 0;
+        break;
+
+    case PGRES_POLLING_WRITING:
+        ac->want_read = 0;
+        ac->want_write = 1;
+        break;
+
+    default: /* PGRES_POLLING_OK */
+
+        if (PQsetnonblocking(ac->pg, 1) != 0) {
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        if (ac->c->read->timer_set) {
+            ngx_del_timer(ac->c->read);
+        }
+
+        ngx_aq_conn_prepare(ac);
+        return;
+    }
+
+    if (ngx_aq_conn_watch(ac, ac->want_read, ac->want_write) != NGX_OK) {
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+}
+
+
+static void
+ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
+{
+    Oid  types[] = NGX_AQ_CLAIM_TYPES;
+
+    ac->state = ngx_aq_conn_preparing;
+
+    if (!PQsendPrepare(ac->pg, NGX_AQ_CLAIM_STMT, NGX_AQ_CLAIM_SQL,
+                       NGX_AQ_CLAIM_NPARAMS, types))
+    {
+        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                      "annotation queue: PQsendPrepare() failed: %*s",
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+
+    if (ngx_aq_conn_flush(ac) != NGX_OK) {
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+}
+
+
+/*
+ * NGX_OK: sent, the connection is busy with q;
+ * NGX_DECLINED: nothing reached PostgreSQL in full, the connection is
+ * closed, and q may go elsewhere.
+ */
+
+static ngx_int_t
+ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
+{
+    ngx_queue_remove(&ac->queue);
+    ac->state = ngx_aq_conn_busy;
+    ac->c->idle = 0;
+
+    if (!PQsendQueryPrepared(ac->pg, NGX_AQ_CLAIM_STMT, NGX_AQ_CLAIM_NPARAMS,
+                             q->values, q->lengths, q->formats, 0))
+    {
+        ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
+                      "annotation queue: PQsendQueryPrepared() failed, "
+                      "closing the connection: %*s",
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
+    /*
+     * The Sync message ends what libpq sends: if a flush fails, PostgreSQL
+     * has not received it, and the implicit transaction cannot commit.
+     */
+
+    if (ngx_aq_conn_flush(ac) != NGX_OK) {
+        ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
+                      "annotation queue: sending the claim failed, "
+                      "closing the connection: %*s",
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
+    ac->query = q;
+    q->conn = ac;
+    q->state = ngx_aq_query_sent;
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: claim sent on fd:%d", ac->c->fd);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_aq_conn_handler(ngx_event_t *ev)
+{
+    ngx_connection_t  *c;
+    ngx_aq_conn_t     *ac;
+
+    c = ev->data;
+    ac = c->data;
+
+    switch (ac->state) {
+
+    case ngx_aq_conn_connecting:
+
+        if (c->read->timedout) {
+            ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
+                          "annotation queue: connecting to PostgreSQL "
+                          "timed out");
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        /* PQconnectPoll must only be called when the socket is ready */
+
+        if (ev->write ? ac->want_write : ac->want_read) {
+            ngx_aq_conn_connect_poll(ac);
+        }
+
+        return;
+
+    case ngx_aq_conn_preparing:
+    case ngx_aq_conn_busy:
+
+        if (c->read->timedout) {
+            ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
+                          "annotation queue: PostgreSQL query timed out, "
+                          "closing the connection");
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_TIMEDOUT);
+            return;
+        }
+
+        if (ev->write) {
+            if (ngx_aq_conn_flush(ac) != NGX_OK) {
+                ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                              "annotation queue: sending to PostgreSQL "
+                              "failed: %*s",
+                              ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                              PQerrorMessage(ac->pg));
+                ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            }
+
+            return;
+        }
+
+        ngx_aq_conn_read(ac);
+        return;
+
+    case ngx_aq_conn_idle:
+        if (!ev->write) {
+            ngx_aq_conn_idle_handler(ac);
+        }
+
+        return;
+
+    default:
+        return;
+    }
+}
+
+
+/*
+ * An idle connection has nothing to say: anything it reads is the server
+ * going away (a FATAL message, then end of file) or a worker shutting down.
+ */
+
+static void
+ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac)
+{
+    PGresult          *res;
+    ngx_connection_t  *c;
+
+    c = ac->c;
+
+    if (c->close) {
+        ngx_aq_conn_close(ac);
+        return;
+    }
+
+    if (PQconsumeInput(ac->pg) && PQstatus(ac->pg) == CONNECTION_OK) {
+
+        while (!PQisBusy(ac->pg)) {
+            res = PQgetResult(ac->pg);
+            if (res == NULL) {
+                return;
+            }
+
+            PQclear(res);
+        }
+
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                  "annotation queue: PostgreSQL closed an idle connection: "
+                  "%*s", ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+
+    ngx_aq_conn_close(ac);
+}
+
+
+static void
+ngx_aq_conn_read(ngx_aq_conn_t *ac)
+{
+    SSL       *ssl;
+    PGresult  *res;
+
+    ssl = PQsslStruct(ac->pg, "OpenSSL");
+
+    do {
+        if (!PQconsumeInput(ac->pg)) {
+            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                          "annotation queue: reading from PostgreSQL "
+                          "failed: %*s",
+                          ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                          PQerrorMessage(ac->pg));
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+    } while (PQisBusy(ac->pg) && ssl && SSL_pending(ssl) > 0);
+
+    while (!PQisBusy(ac->pg)) {
+        res = PQgetResult(ac->pg);
+
+        if (res == NULL) {
+            ngx_aq_conn_done(ac);
+            return;
+        }
+
+        if (ac->result == NULL) {
+            ac->result = res;
+
+        } else {
+            PQclear(res);
+        }
+    }
+
+    /* the rest of the answer is still on its way: the read event stays */
+}
+
+
+static void
+ngx_aq_conn_done(ngx_aq_conn_t *ac)
+{
+    ngx_uint_t       preparing;
+    PGresult        *res;
+    ngx_aq_pool_t   *pool;
+    ngx_aq_query_t  *q;
+
+    pool = ac->pool;
+    res = ac->result;
+    q = ac->query;
+    preparing = (ac->state == ngx_aq_conn_preparing);
+
+    ac->result = NULL;
+    ac->query = NULL;
+
+    if (ac->c->read->timer_set) {
+        ngx_del_timer(ac->c->read);
+    }
+
+    if (preparing) {
+        if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
+            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                          "annotation queue: preparing the claim failed: %*s",
+                          ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                          PQerrorMessage(ac->pg));
+
+            if (res) {
+                PQclear(res);
+            }
+
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        PQclear(res);
+
+        pool->nconnecting--;
+
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                       "annotation queue: connection ready on fd:%d",
+                       ac->c->fd);
+
+        ngx_aq_conn_ready(ac);
+        return;
+    }
+
+    /*
+     * Only a connection that ended its exchange cleanly is reused; after an
+     * error it is closed, so that the next claim starts on a fresh session
+     * with its statement prepared again.
+     */
+
+    if (res != NULL
+        && PQresultStatus(res) == PGRES_TUPLES_OK
+        && PQtransactionStatus(ac->pg) == PQTRANS_IDLE)
+    {
+        ngx_aq_conn_ready(ac);
+
+    } else {
+        ngx_aq_conn_close(ac);
+        ngx_aq_pool_closed(pool, 0);
+    }
+
+    if (q) {
+        ngx_aq_query_finish(q, res, NGX_AQ_QUERY_OK);
+    }
+
+    if (res) {
+        PQclear(res);
+    }
+}
+
+
+static void
+ngx_aq_conn_ready(ngx_aq_conn_t *ac)
+{
+    ac->state = ngx_aq_conn_idle;
+    ac->c->idle = 1;
+
+    ngx_queue_insert_head(&ac->pool->idle, &ac->queue);
+
+    if (ngx_aq_conn_watch(ac, 1, 0) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        ngx_aq_pool_closed(ac->pool, 0);
+        return;
+    }
+
+    ngx_aq_pool_dispatch(ac->pool);
+}
+
+
+static ngx_int_t
+ngx_aq_conn_flush(ngx_aq_conn_t *ac)
+{
+    int  rc;
+
+    rc = PQflush(ac->pg);
+
+    if (rc == -1) {
+        return NGX_ERROR;
+    }
+
+    /* 1: some data is still queued, wait until the socket takes more */
+
+    return ngx_aq_conn_watch(ac, 1, rc == 1);
+}
+
+
+static ngx_int_t
+ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read, ngx_uint_t write)
+{
+    ngx_event_t  *rev, *wev;
+
+    rev = ac->c->read;
+    wev = ac->c->write;
+
+    if (read && !rev->active) {
+        if (ngx_add_event(rev, NGX_READ_EVENT, NGX_LEVEL_EVENT) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (!read && rev->active) {
+        if (ngx_del_event(rev, NGX_READ_EVENT, 0) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (write && !wev->active) {
+        if (ngx_add_event(wev, NGX_WRITE_EVENT, NGX_LEVEL_EVENT) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (!write && wev->active) {
+        if (ngx_del_event(wev, NGX_WRITE_EVENT, 0) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Keeps ac->c wrapping the PGconn's current socket.  A socket libpq has
+ * replaced is already closed, and the kernel dropped it from the event set;
+ * the same descriptor number may come back for the new socket, so the inode
+ * tells them apart.
+ */
+
+static ngx_int_t
+ngx_aq_conn_wrap_socket(ngx_aq_conn_t *ac)
+{
+    int                fd;
+    ngx_msec_t         timer;
+    struct stat        st;
+    ngx_connection_t  *c;
+
+    fd = PQsocket(ac->pg);
+
+    if (fd == -1 || fstat(fd, &st) == -1) {
+        return NGX_ERROR;
+    }
+
+    timer = 0;
+
+    if (ac->c) {
+        if (ac->c->fd == fd && ac->ino == st.st_ino) {
+            return NGX_OK;
+        }
+
+        if (ac->c->read->timer_set) {
+            timer = ac->c->read->timer.key - ngx_current_msec;
+
+            if ((ngx_msec_int_t) timer <= 0) {
+                timer = 1;
+            }
+        }
+
+        ngx_aq_conn_release_socket(ac);
+    }
+
+    c = ngx_get_connection(fd, ac->pool->log);
+    if (c == NULL) {
+        return NGX_ERROR;
+    }
+
+    c->data = ac;
+    c->read->handler = ngx_aq_conn_handler;
+    c->write->handler = ngx_aq_conn_handler;
+    c->read->log = c->log;
+    c->write->log = c->log;
+    c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
+
+    ac->c = c;
+    ac->ino = st.st_ino;
+
+    if (timer) {
+        ngx_add_timer(c->read, timer);
+    }
+
+    return NGX_OK;
+}
+
+
+/* nginx forgets the socket; the caller lets libpq close it */
+
+static void
+ngx_aq_conn_release_socket(ngx_aq_conn_t *ac)
+{
+    ngx_connection_t  *c;
+
+    c = ac->c;
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (ngx_del_conn) {
+        ngx_del_conn(c, NGX_CLOSE_EVENT);
+
+    } else {
+        if (c->read->active || c->read->disabled) {
+            ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
+        }
+
+        if (c->write->active || c->write->disabled) {
+            ngx_del_event(c->write, NGX_WRITE_EVENT, NGX_CLOSE_EVENT);
+        }
+    }
+
+    if (c->read->posted) {
+        ngx_delete_posted_event(c->read);
+    }
+
+    if (c->write->posted) {
+        ngx_delete_posted_event(c->write);
+    }
+
+    c->fd = (ngx_socket_t) -1;
+    ngx_free_connection(c);
+
+    ac->c = NULL;
+}
+
+
+/* the connection failed: close it and tell its query, if any */
+
+static void
+ngx_aq_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome)
+{
+    ngx_uint_t       connecting;
+    ngx_aq_pool_t   *pool;
+    ngx_aq_query_t  *q;
+
+    pool = ac->pool;
+    q = ac->query;
+    connecting = (ac->state == ngx_aq_conn_connecting
+                  || ac->state == ngx_aq_conn_preparing);
+
+    ac->query = NULL;
+
+    ngx_aq_conn_close(ac);
+
+    if (q) {
+        ngx_aq_query_finish(q, NULL, outcome);
+    }
+
+    ngx_aq_pool_closed(pool, connecting);
+}
+
+
+static void
+ngx_aq_conn_close(ngx_aq_conn_t *ac)
+{
+    ngx_aq_pool_t  *pool;
+
+    pool = ac->pool;
+
+    switch (ac->state) {
+
+    case ngx_aq_conn_closed:
+        return;
+
+    case ngx_aq_conn_connecting:
+    case ngx_aq_conn_preparing:
+        pool->nconnecting--;
+        break;
+
+    case ngx_aq_conn_idle:
+        ngx_queue_remove(&ac->queue);
+        break;
+
+    default:
+        break;
+    }
+
+    if (ac->query) {
+        ac->query->conn = NULL;
+        ac->query = NULL;
+    }
+
+    if (ac->result) {
+        PQclear(ac->result);
+        ac->result = NULL;
+    }
+
+    if (ac->c) {
+        ngx_aq_conn_release_socket(ac);
+    }
+
+    PQfinish(ac->pg);
+    ac->pg = NULL;
+
+    ac->state = ngx_aq_conn_closed;
+    pool->nopen--;
+}
+
+
+/* hands idle connections to the queries waiting for one */
+
+static void
+ngx_aq_pool_dispatch(ngx_aq_pool_t *pool)
+{
+    ngx_queue_t     *qn;
+    ngx_aq_conn_t   *ac;
+    ngx_aq_query_t  *q;
+
+    while (!ngx_queue_empty(&pool->waiting) && !ngx_queue_empty(&pool->idle))
+    {
+        qn = ngx_queue_head(&pool->waiting);
+        q = ngx_queue_data(qn, ngx_aq_query_t, queue);
+        ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
+                            queue);
+
+        ngx_queue_remove(qn);
+        pool->nwaiting--;
+
+        if (ngx_aq_conn_send(ac, q) == NGX_OK) {
+            if (q->wait.timer_set) {
+                ngx_del_timer(&q->wait);
+            }
+
+            continue;
+        }
+
+        /* that connection was broken and is closed: q keeps its place */
+
+        ngx_queue_insert_head(&pool->waiting, qn);
+        pool->nwaiting++;
+    }
+
+    if (!ngx_queue_empty(&pool->waiting) && ngx_queue_empty(&pool->idle)) {
+        ngx_aq_pool_closed(pool, 0);
+    }
+}
+
+
+/*
+ * A connection went away.  If queries wait and fewer connections are on
+ * their way than queries, open one, but not after a failed connect (no
+ * storm of attempts against a server that is down); when no connection is
+ * left at all, the waiting queries fail now rather than at their timeout.
+ */
+
+static void
+ngx_aq_pool_closed(ngx_aq_pool_t *pool, ngx_uint_t connecting)
+{
+    if (!connecting
+        && pool->nwaiting > pool->nconnecting
+        && pool->nopen < pool->size)
+    {
+        (void) ngx_aq_conn_connect(pool);
+    }
+
+    if (pool->nopen == 0) {
+        ngx_aq_pool_fail_waiting(pool, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+}
+
+
+static void
+ngx_aq_pool_fail_waiting(ngx_aq_pool_t *pool, ngx_uint_t outcome)
+{
+    ngx_aq_query_t  *q;
+
+    while (!ngx_queue_empty(&pool->waiting)) {
+        q = ngx_queue_data(ngx_queue_head(&pool->waiting), ngx_aq_query_t,
+                           queue);
+
+        ngx_queue_remove(&q->queue);
+        pool->nwaiting--;
+
+        if (q->wait.timer_set) {
+            ngx_del_timer(&q->wait);
+        }
+
+        ngx_aq_query_finish(q, NULL, outcome);
+    }
+}
+
+
+static void
+ngx_aq_query_wait_handler(ngx_event_t *ev)
+{
+    ngx_aq_query_t  *q;
+
+    q = ev->data;
+
+    ngx_log_error(NGX_LOG_WARN, ev->log, 0,
+                  "annotation queue: no PostgreSQL connection became free "
+                  "in time");
+
+    ngx_queue_remove(&q->queue);
+    q->pool->nwaiting--;
+
+    ngx_aq_query_finish(q, NULL, NGX_AQ_QUERY_SATURATED);
+}
+
+
+static void
+ngx_aq_query_finish(ngx_aq_query_t *q, PGresult *res, ngx_uint_t outcome)
+{
+    q->state = ngx_aq_query_done;
+    q->conn = NULL;
+
+    q->handler(q, res, outcome);
+}
+
+
+static size_t
+ngx_aq_pg_error_len(const char *msg)
+{
+    size_t  len;
+
+    len = ngx_strlen(msg);
+
+    while (len && (msg[len - 1] == '\n' || msg[len - 1] == ' ')) {
+        len--;
+    }
+
+    return len;
+}
