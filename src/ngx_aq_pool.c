@@ -1017,16 +1017,14 @@ ngx_aq_query_finish(ngx_aq_query_t *q, PGresult *res, ngx_uint_t outcome)
 }
 
 
+/* libpq's messages end in a newline and may hold hints on further lines */
+
 static size_t
 ngx_aq_pg_error_len(const char *msg)
 {
-    size_t  len;
+    const char  *p;
 
-    len = ngx_strlen(msg);
+    for (p = msg; *p && *p != '\n'; p++) { /* void */ }
 
-    while (len && (msg[len - 1] == '\n' || msg[len - 1] == ' ')) {
-        len--;
-    }
-
-    return len;
+    return p - msg;
 }
