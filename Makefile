@@ -36,7 +36,8 @@ $(BUILD)/nginx/Makefile: config
 
 $(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
 	cd $(BUILD)/nginx-src && $(MAKE) -s -f $(BUILD)/nginx/Makefile modules
-	cp $(BUILD)/nginx/ngx_http_annotation_queue_module.so $(MODULE)
+	cp $(BUILD)/nginx/ngx_http_annotation_queue_module.so $(MODULE).tmp
+	mv -f $(MODULE).tmp $(MODULE)
 
 run: deps $(MODULE)
 	@scripts/run.sh

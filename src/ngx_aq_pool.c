@@ -134,7 +134,7 @@ ngx_aq_pool_done(ngx_aq_pool_t *pool)
 
     for (i = 0; i < pool->size; i++) {
         if (pool->conns[i].state != ngx_aq_conn_closed) {
-            ngx_aq_conn_close(&pool->conns[i]);
+            ngx_aq_conn_error(&pool->conns[i], NGX_AQ_QUERY_UNAVAILABLE);
         }
     }
 }
@@ -209,8 +209,11 @@ ngx_aq_pool_cancel(ngx_aq_query_t *q)
         break;
 
     case ngx_aq_query_sent:
-        q->conn->query = NULL;
-        q->conn = NULL;
+        if (q->conn) {
+            q->conn->query = NULL;
+            q->conn = NULL;
+        }
+
         break;
 
     default:
@@ -882,11 +885,6 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
 
     default:
         break;
-    }
-
-    if (ac->query) {
-        ac->query->conn = NULL;
-        ac->query = NULL;
     }
 
     if (ac->result) {
