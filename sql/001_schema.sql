@@ -95,8 +95,11 @@ CREATE INDEX items_lease_idx
     ON annotation_queue.items (queue_id, lease_expires_at)
     WHERE status = 'claimed';
 
--- Resume: the item a key already holds in a queue.
-CREATE INDEX items_holder_idx
+-- Resume: the item a key holds in a queue.  Unique: a key holds at most one
+-- item per queue, even when two of its claims run at the same time (the
+-- second fails with unique_violation and the module runs it again, which
+-- then resumes the first's item).
+CREATE UNIQUE INDEX items_holder_idx
     ON annotation_queue.items (claimed_by, queue_id)
     WHERE status = 'claimed';
 

@@ -87,6 +87,7 @@ struct ngx_aq_query_s {
     ngx_aq_query_handler_pt   handler;
     void                     *data;
     ngx_aq_query_state_e      state;
+    unsigned                  retried:1;
 };
 
 

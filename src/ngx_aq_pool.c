@@ -68,6 +68,8 @@ static void ngx_aq_conn_handler(ngx_event_t *ev);
 static void ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_done(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res,
+    ngx_aq_query_t *q);
 static void ngx_aq_conn_ready(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_flush(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read,
@@ -157,6 +159,7 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
     while (!ngx_queue_empty(&pool->idle)) {
         ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
                             queue);
+        ngx_queue_remove(&ac->queue);
 
         if (ngx_aq_conn_send(ac, q) == NGX_OK) {
             return NGX_OK;
@@ -383,6 +386,7 @@ ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
 
 
 /*
+ * Sends q on ac, a connection taken out of the idle list.
  * NGX_OK: sent, the connection is busy with q;
  * NGX_DECLINED: nothing reached PostgreSQL in full, the connection is
  * closed, and q may go elsewhere.
@@ -391,7 +395,6 @@ ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
 static ngx_int_t
 ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
 {
-    ngx_queue_remove(&ac->queue);
     ac->state = ngx_aq_conn_busy;
     ac->c->idle = 0;
 
@@ -633,6 +636,10 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
         return;
     }
 
+    if (q && ngx_aq_conn_raced(ac, res, q)) {
+        return;
+    }
+
     /*
      * Only a connection that ended its exchange cleanly is reused; after an
      * error it is closed, so that the next claim starts on a fresh session
@@ -657,6 +664,62 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
     if (res) {
         PQclear(res);
     }
+}
+
+
+/*
+ * Two claims of one key ran at once and the other committed first: this
+ * one failed on the unique items_holder_idx and rolled back, so it is run
+ * again, once, on the same connection, where it now resumes the other's
+ * item.
+ */
+
+static ngx_int_t
+ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
+{
+    char           *sqlstate;
+    ngx_int_t       rc;
+    ngx_aq_pool_t  *pool;
+
+    if (res == NULL
+        || q->retried
+        || PQresultStatus(res) != PGRES_FATAL_ERROR
+        || PQtransactionStatus(ac->pg) != PQTRANS_IDLE)
+    {
+        return 0;
+    }
+
+    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+    if (sqlstate == NULL || ngx_strcmp(sqlstate, "23505") != 0) {
+        return 0;
+    }
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: concurrent claims of one key, "
+                   "running the claim again");
+
+    PQclear(res);
+    q->retried = 1;
+
+    if (ngx_aq_conn_send(ac, q) == NGX_OK) {
+        return 1;
+    }
+
+    /* that connection broke and is closed: the query goes back to the pool */
+
+    pool = q->pool;
+    rc = ngx_aq_pool_send(pool, q);
+
+    ngx_aq_pool_closed(pool, 0);
+
+    if (rc != NGX_OK) {
+        ngx_aq_query_finish(q, NULL, rc == NGX_BUSY
+                                     ? NGX_AQ_QUERY_SATURATED
+                                     : NGX_AQ_QUERY_UNAVAILABLE);
+    }
+
+    return 1;
 }
 
 
@@ -920,6 +983,7 @@ ngx_aq_pool_dispatch(ngx_aq_pool_t *pool)
         ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
                             queue);
 
+        ngx_queue_remove(&ac->queue);
         ngx_queue_remove(qn);
         pool->nwaiting--;
 

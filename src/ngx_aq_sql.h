@@ -20,6 +20,12 @@
  * q      the queue, if it belongs to the key's organisation;
  * held   the item this key already holds in the queue (resume: a refresh
  *        or a retried request gets the same item and version back);
+ * mine_expired
+ *        the key's own item whose lease expired unclaimed: claimed again by
+ *        the same key (a key holds at most one item per queue, enforced by
+ *        the unique items_holder_idx; two claims of one key racing make
+ *        the second fail with unique_violation, and the pool runs it again,
+ *        which then resumes);
  * expired_first, available, expired
  *        candidates, each the head of one partial index, taken with
  *        FOR UPDATE SKIP LOCKED so that concurrent claims never wait on or
@@ -61,6 +67,15 @@
     "       AND EXISTS (SELECT 1 FROM q) "                                    \
     "     ORDER BY i.claimed_at "                                             \
     "     LIMIT 1 "                                                           \
+    "), mine_expired AS MATERIALIZED ( "                                      \
+    "    SELECT i.id, i.version "                                             \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
+    "       AND i.status = 'claimed' AND i.lease_expires_at <= now() "        \
+    "       AND EXISTS (SELECT 1 FROM q) "                                    \
+    "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
+    "     LIMIT 1 "                                                           \
+    "       FOR UPDATE SKIP LOCKED "                                          \
     "), head AS ( "                                                           \
     "    SELECT i.priority "                                                  \
     "      FROM annotation_queue.items i "                                    \
@@ -99,6 +114,8 @@
     "     LIMIT 1 "                                                           \
     "       FOR UPDATE SKIP LOCKED "                                          \
     "), cand AS ( "                                                           \
+    "    SELECT * FROM mine_expired "                                         \
+    "    UNION ALL "                                                          \
     "    SELECT * FROM expired_first "                                        \
     "    UNION ALL "                                                          \
     "    SELECT * FROM available "                                            \
