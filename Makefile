@@ -47,3 +47,8 @@ test: deps $(MODULE)
 
 clean:
 	rm -rf $(BUILD)
+
+# benchmarks (make bench) and memory/fuzz checks (make fuzz, make test-asan,
+# make test-valgrind) live beside their files
+-include bench/bench.mk
+-include fuzz/fuzz.mk
