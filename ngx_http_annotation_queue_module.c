@@ -2,12 +2,14 @@
 /*
  * ngx_http_annotation_queue_module
  *
- * Serves POST /api/v1/annotations/queue from PostgreSQL: it authenticates a
- * bearer key and atomically claims the next item of a queue, in one
- * prepared statement on a per-worker pool of non-blocking connections.
+ * Serves an annotation queue from PostgreSQL: POST /api/v1/annotations/queue
+ * authenticates a bearer key and atomically claims the next item of a
+ * queue; extend, release and complete act on a claimed item.  Each request
+ * is one prepared statement on a per-worker pool of non-blocking
+ * connections.
  *
  * This file: directives, configuration, the module definition, the worker's
- * pools and the content handler's entry.
+ * pools, the log variables and the content handler's entry.
  */
 
 
@@ -15,6 +17,9 @@
 
 
 static ngx_int_t ngx_http_annotation_queue_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_annotation_queue_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_annotation_queue_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_annotation_queue_init_process(ngx_cycle_t *cycle);
 static void ngx_http_annotation_queue_exit_process(ngx_cycle_t *cycle);
 static void *ngx_http_annotation_queue_create_main_conf(ngx_conf_t *cf);
@@ -25,7 +30,7 @@ static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     ngx_http_annotation_queue_loc_conf_t *alcf);
 static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
-static char *ngx_http_annotation_queue_claim(ngx_conf_t *cf,
+static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 
 
@@ -45,10 +50,31 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
 
     { ngx_string("annotation_queue_claim"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
-      ngx_http_annotation_queue_claim,
+      ngx_http_annotation_queue_action,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
-      NULL },
+      (void *) &ngx_aq_claim_action },
+
+    { ngx_string("annotation_queue_extend"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_action,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      (void *) &ngx_aq_extend_action },
+
+    { ngx_string("annotation_queue_release"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_action,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      (void *) &ngx_aq_release_action },
+
+    { ngx_string("annotation_queue_complete"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_action,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      (void *) &ngx_aq_complete_action },
 
     { ngx_string("annotation_queue_pool_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -97,7 +123,7 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
 
 
 static ngx_http_module_t  ngx_http_annotation_queue_module_ctx = {
-    NULL,                                  /* preconfiguration */
+    ngx_http_annotation_queue_add_variables, /* preconfiguration */
     NULL,                                  /* postconfiguration */
 
     ngx_http_annotation_queue_create_main_conf, /* create main configuration */
@@ -127,24 +153,139 @@ ngx_module_t  ngx_http_annotation_queue_module = {
 };
 
 
+#define NGX_AQ_VAR_KEY      0
+#define NGX_AQ_VAR_ITEM     1
+#define NGX_AQ_VAR_OUTCOME  2
+#define NGX_AQ_VAR_DB_TIME  3
+
+
+static ngx_http_variable_t  ngx_http_annotation_queue_vars[] = {
+
+    { ngx_string("annotation_queue_key"), NULL,
+      ngx_http_annotation_queue_variable, NGX_AQ_VAR_KEY,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("annotation_queue_item"), NULL,
+      ngx_http_annotation_queue_variable, NGX_AQ_VAR_ITEM,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("annotation_queue_outcome"), NULL,
+      ngx_http_annotation_queue_variable, NGX_AQ_VAR_OUTCOME,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("annotation_queue_db_time"), NULL,
+      ngx_http_annotation_queue_variable, NGX_AQ_VAR_DB_TIME,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
 static ngx_int_t
 ngx_http_annotation_queue_handler(ngx_http_request_t *r)
 {
-    ngx_int_t  rc;
+    ngx_http_annotation_queue_loc_conf_t  *alcf;
 
-    if (!(r->method & NGX_HTTP_POST)) {
-        rc = ngx_http_discard_request_body(r);
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_annotation_queue_module);
 
-        if (rc != NGX_OK) {
-            return rc;
-        }
+    return ngx_aq_request_start(r, alcf->action);
+}
 
-        return ngx_aq_send_error(r, NGX_HTTP_NOT_ALLOWED,
-                                 "method_not_allowed",
-                                 "only POST is allowed here");
+
+/*
+ * $annotation_queue_key      the key's public prefix ("aqk_" + 8 digits),
+ *                            once the key is well formed
+ * $annotation_queue_item     the item claimed or acted on
+ * $annotation_queue_outcome  "claimed", "extended", "released", "completed"
+ *                            or the error code answered
+ * $annotation_queue_db_time  seconds spent waiting for PostgreSQL
+ */
+
+static ngx_int_t
+ngx_http_annotation_queue_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char        *p;
+    ngx_aq_ctx_t  *ctx;
+
+    ctx = ngx_aq_request_ctx(r);
+
+    v->not_found = 1;
+
+    if (ctx == NULL) {
+        return NGX_OK;
     }
 
-    return ngx_aq_claim_start(r);
+    switch (data) {
+
+    case NGX_AQ_VAR_KEY:
+        if (!ctx->key) {
+            return NGX_OK;
+        }
+
+        v->data = ctx->key_prefix;
+        v->len = NGX_AQ_KEY_PUBLIC_LEN;
+        break;
+
+    case NGX_AQ_VAR_ITEM:
+        if (ctx->item_id.len == 0) {
+            return NGX_OK;
+        }
+
+        v->data = ctx->item_id.data;
+        v->len = ctx->item_id.len;
+        break;
+
+    case NGX_AQ_VAR_OUTCOME:
+        if (ctx->outcome == NULL) {
+            return NGX_OK;
+        }
+
+        v->data = (u_char *) ctx->outcome;
+        v->len = ngx_strlen(ctx->outcome);
+        break;
+
+    default: /* NGX_AQ_VAR_DB_TIME */
+        if (!ctx->db) {
+            return NGX_OK;
+        }
+
+        p = ngx_pnalloc(r->pool, NGX_TIME_T_LEN + 4);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        v->data = p;
+        v->len = ngx_sprintf(p, "%T.%03M", (time_t) ctx->db_time / 1000,
+                             ctx->db_time % 1000)
+                 - p;
+        break;
+    }
+
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_annotation_queue_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_annotation_queue_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
 }
 
 
@@ -232,6 +373,7 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     conf->database = { 0, NULL };
+     *     conf->action = NULL;
      *     conf->pool = NULL;
      */
 
@@ -241,7 +383,6 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->query_timeout = NGX_CONF_UNSET_MSEC;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
-    conf->claim = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -264,7 +405,6 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
                               4096);
     ngx_conf_merge_msec_value(conf->lease, prev->lease, 15 * 60 * 1000);
-    ngx_conf_merge_value(conf->claim, prev->claim, 0);
 
     if (conf->lease == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -278,14 +418,15 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
         return NGX_CONF_ERROR;
     }
 
-    if (!conf->claim) {
+    if (conf->action == NULL) {
         return NGX_CONF_OK;
     }
 
     if (conf->database.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"annotation_queue_claim\" needs "
-                           "\"annotation_queue_database\"");
+                           "\"annotation_queue_%s\" needs "
+                           "\"annotation_queue_database\"",
+                           conf->action->name);
         return NGX_CONF_ERROR;
     }
 
@@ -410,19 +551,21 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
 }
 
 
+/* annotation_queue_claim, _extend, _release, _complete: one a location */
+
 static char *
-ngx_http_annotation_queue_claim(ngx_conf_t *cf, ngx_command_t *cmd,
+ngx_http_annotation_queue_action(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
     ngx_http_annotation_queue_loc_conf_t *alcf = conf;
 
     ngx_http_core_loc_conf_t  *clcf;
 
-    if (alcf->claim != NGX_CONF_UNSET) {
+    if (alcf->action) {
         return "is duplicate";
     }
 
-    alcf->claim = 1;
+    alcf->action = cmd->post;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_annotation_queue_handler;

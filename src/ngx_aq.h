@@ -2,10 +2,12 @@
 /*
  * ngx_http_annotation_queue_module: types shared by its files.
  *
- * The request's path: ngx_http_annotation_queue_module.c (directives and the
- * content handler) -> ngx_aq_key.c (the bearer key) -> ngx_aq_claim.c (body,
- * query, answer) -> ngx_aq_json.c (the body) -> ngx_aq_pool.c (PostgreSQL)
- * -> ngx_aq_response.c (the JSON answer).
+ * The request's path: ngx_http_annotation_queue_module.c (directives, the
+ * content handlers) -> ngx_aq_request.c (key, body, query, answer: the flow
+ * every endpoint shares) -> ngx_aq_key.c (the bearer key) -> the endpoint's
+ * action, ngx_aq_claim.c or ngx_aq_item.c (its body, its statement, its
+ * answer) with ngx_aq_json.c (parsing) -> ngx_aq_pool.c (PostgreSQL) ->
+ * ngx_aq_response.c (JSON answers and errors).
  */
 
 
@@ -27,6 +29,19 @@
 #define NGX_AQ_KEY_PUBLIC_LEN     12
 #define NGX_AQ_DIGEST_LEN         32
 #define NGX_AQ_UUID_LEN           36
+
+
+#define NGX_AQ_MAX_PARAMS         4
+
+
+/* the prepared statements, see ngx_aq_sql.h */
+typedef enum {
+    NGX_AQ_STMT_CLAIM = 0,
+    NGX_AQ_STMT_EXTEND,
+    NGX_AQ_STMT_RELEASE,
+    NGX_AQ_STMT_COMPLETE,
+    NGX_AQ_NSTMTS
+} ngx_aq_stmt_e;
 
 
 /* outcomes a query handler is told of besides a PGresult */
@@ -80,14 +95,64 @@ struct ngx_aq_query_s {
     ngx_event_t               wait;
     ngx_log_t                *log;
 
-    const char               *values[3];
-    int                       lengths[3];
-    int                       formats[3];
+    ngx_aq_stmt_e             stmt;
+    const char               *values[NGX_AQ_MAX_PARAMS];
+    int                       lengths[NGX_AQ_MAX_PARAMS];
+    int                       formats[NGX_AQ_MAX_PARAMS];
 
     ngx_aq_query_handler_pt   handler;
     void                     *data;
     ngx_aq_query_state_e      state;
     unsigned                  retried:1;
+};
+
+
+/* an error answer: status, code and message of the JSON body */
+typedef struct {
+    ngx_uint_t                status;
+    const char               *code;
+    const char               *message;
+} ngx_aq_error_t;
+
+
+typedef struct ngx_aq_ctx_s  ngx_aq_ctx_t;
+
+/* what an endpoint adds to the shared flow */
+typedef struct {
+    const char               *name;
+    ngx_aq_stmt_e             stmt;
+
+    /* NULL, or the 400 the body deserves; fills ctx->query's parameters */
+    const ngx_aq_error_t   *(*parse)(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
+                                     u_char *body, size_t len);
+
+    /* the answer to a result row whose key was valid */
+    ngx_int_t               (*respond)(ngx_http_request_t *r,
+                                       ngx_aq_ctx_t *ctx, PGresult *res);
+} ngx_aq_action_t;
+
+
+/* a request's state: lives in the request's pool */
+struct ngx_aq_ctx_s {
+    ngx_http_request_t       *request;
+    const ngx_aq_action_t    *action;
+    ngx_aq_query_t            query;
+
+    u_char                    digest[NGX_AQ_DIGEST_LEN];
+    u_char                    id[NGX_AQ_UUID_LEN + 1];
+    u_char                    version[NGX_INT64_LEN + 1];
+    u_char                    lease[NGX_INT64_LEN + 1];
+    ngx_str_t                 result;
+
+    /* for the log variables */
+    u_char                    key_prefix[NGX_AQ_KEY_PUBLIC_LEN];
+    ngx_str_t                 item_id;
+    const char               *outcome;
+    ngx_msec_t                sent;
+    ngx_msec_t                db_time;
+
+    unsigned                  key:1;
+    unsigned                  db:1;
 };
 
 
@@ -105,7 +170,7 @@ typedef struct {
     size_t                    max_body_size;
     ngx_msec_t                lease;
 
-    ngx_flag_t                claim;
+    const ngx_aq_action_t    *action;
     ngx_aq_pool_t            *pool;
 } ngx_http_annotation_queue_loc_conf_t;
 
@@ -122,23 +187,42 @@ ngx_aq_key_rc_e ngx_aq_key_parse(ngx_str_t *authorization, u_char *digest,
     u_char *prefix);
 
 /* ngx_aq_json.c */
-typedef enum {
-    ngx_aq_json_ok = 0,
-    ngx_aq_json_invalid,
-    ngx_aq_json_not_object,
-    ngx_aq_json_missing_queue_id,
-    ngx_aq_json_bad_queue_id
-} ngx_aq_json_rc_e;
-
-ngx_aq_json_rc_e ngx_aq_json_parse_claim(u_char *body, size_t len,
+const ngx_aq_error_t *ngx_aq_json_parse_claim(u_char *body, size_t len,
     u_char *queue_id);
+const ngx_aq_error_t *ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body,
+    size_t len, ngx_uint_t want_result, u_char *item_id, u_char *version,
+    ngx_str_t *result);
 ngx_int_t ngx_aq_uuid_valid(u_char *p, size_t len);
 
 /* ngx_aq_response.c */
+extern const ngx_aq_error_t  ngx_aq_err_invalid_json;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_request;
+extern const ngx_aq_error_t  ngx_aq_err_missing_queue_id;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_queue_id;
+extern const ngx_aq_error_t  ngx_aq_err_missing_item_id;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_item_id;
+extern const ngx_aq_error_t  ngx_aq_err_missing_version;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_version;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_result;
+extern const ngx_aq_error_t  ngx_aq_err_missing_api_key;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_authorization;
+extern const ngx_aq_error_t  ngx_aq_err_invalid_api_key;
+extern const ngx_aq_error_t  ngx_aq_err_queue_not_found;
+extern const ngx_aq_error_t  ngx_aq_err_item_not_found;
+extern const ngx_aq_error_t  ngx_aq_err_method_not_allowed;
+extern const ngx_aq_error_t  ngx_aq_err_no_items_available;
+extern const ngx_aq_error_t  ngx_aq_err_stale_claim;
+extern const ngx_aq_error_t  ngx_aq_err_body_too_large;
+extern const ngx_aq_error_t  ngx_aq_err_database_unavailable;
+extern const ngx_aq_error_t  ngx_aq_err_pool_saturated;
+extern const ngx_aq_error_t  ngx_aq_err_wait_timeout;
+extern const ngx_aq_error_t  ngx_aq_err_query_timeout;
+extern const ngx_aq_error_t  ngx_aq_err_internal;
+
 ngx_int_t ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status,
     u_char *body, size_t len);
-ngx_int_t ngx_aq_send_error(ngx_http_request_t *r, ngx_uint_t status,
-    const char *code, const char *message);
+ngx_int_t ngx_aq_send_error(ngx_http_request_t *r,
+    const ngx_aq_error_t *err);
 
 /* ngx_aq_pool.c */
 ngx_int_t ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
@@ -146,8 +230,16 @@ void ngx_aq_pool_done(ngx_aq_pool_t *pool);
 ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 void ngx_aq_pool_cancel(ngx_aq_query_t *q);
 
-/* ngx_aq_claim.c */
-ngx_int_t ngx_aq_claim_start(ngx_http_request_t *r);
+/* ngx_aq_request.c */
+ngx_int_t ngx_aq_request_start(ngx_http_request_t *r,
+    const ngx_aq_action_t *action);
+ngx_aq_ctx_t *ngx_aq_request_ctx(ngx_http_request_t *r);
+
+/* ngx_aq_claim.c, ngx_aq_item.c */
+extern const ngx_aq_action_t  ngx_aq_claim_action;
+extern const ngx_aq_action_t  ngx_aq_extend_action;
+extern const ngx_aq_action_t  ngx_aq_release_action;
+extern const ngx_aq_action_t  ngx_aq_complete_action;
 
 
 extern ngx_module_t  ngx_http_annotation_queue_module;

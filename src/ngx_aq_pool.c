@@ -6,7 +6,7 @@
  * Each connection is a PGconn whose socket is wrapped in an nginx
  * connection.  Its life: closed -> connecting (PQconnectStart and
  * PQconnectPoll, under the connect timer) -> preparing (PQsendPrepare of the
- * claim) -> idle <-> busy (PQsendQueryPrepared, PQflush, PQconsumeInput,
+ * statements) -> idle <-> busy (PQsendQueryPrepared, PQflush, PQconsumeInput,
  * PQgetResult until NULL, under the query timer).  Nothing here ever waits:
  * every wait is an event or a timer.
  *
@@ -54,6 +54,7 @@ struct ngx_aq_conn_s {
     ngx_aq_query_t           *query;
     PGresult                 *result;
     ngx_aq_conn_state_e       state;
+    ngx_uint_t                prepared;
 
     unsigned                  want_read:1;
     unsigned                  want_write:1;
@@ -276,6 +277,7 @@ ngx_aq_conn_connect(ngx_aq_pool_t *pool)
 
     ac->pg = pg;
     ac->state = ngx_aq_conn_connecting;
+    ac->prepared = 0;
     pool->nopen++;
     pool->nconnecting++;
 
@@ -359,15 +361,19 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 }
 
 
+/* prepares the next of the statements, one round trip each */
+
 static void
 ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
 {
-    Oid  types[] = NGX_AQ_CLAIM_TYPES;
+    const ngx_aq_stmt_t  *stmt;
+
+    stmt = &ngx_aq_stmts[ac->prepared];
 
     ac->state = ngx_aq_conn_preparing;
 
-    if (!PQsendPrepare(ac->pg, NGX_AQ_CLAIM_STMT, NGX_AQ_CLAIM_SQL,
-                       NGX_AQ_CLAIM_NPARAMS, types))
+    if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
+                       stmt->types))
     {
         ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
                       "annotation queue: PQsendPrepare() failed: %*s",
@@ -398,7 +404,8 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
     ac->state = ngx_aq_conn_busy;
     ac->c->idle = 0;
 
-    if (!PQsendQueryPrepared(ac->pg, NGX_AQ_CLAIM_STMT, NGX_AQ_CLAIM_NPARAMS,
+    if (!PQsendQueryPrepared(ac->pg, ngx_aq_stmts[q->stmt].name,
+                             ngx_aq_stmts[q->stmt].nparams,
                              q->values, q->lengths, q->formats, 0))
     {
         ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
@@ -417,7 +424,7 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
 
     if (ngx_aq_conn_flush(ac) != NGX_OK) {
         ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
-                      "annotation queue: sending the claim failed, "
+                      "annotation queue: sending the query failed, "
                       "closing the connection: %*s",
                       ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
                       PQerrorMessage(ac->pg));
@@ -432,7 +439,7 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
     ngx_add_timer(ac->c->read, ac->pool->query_timeout);
 
     ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
-                   "annotation queue: claim sent on fd:%d", ac->c->fd);
+                   "annotation queue: query sent on fd:%d", ac->c->fd);
 
     return NGX_OK;
 }
@@ -612,7 +619,8 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
     if (preparing) {
         if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
             ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
-                          "annotation queue: preparing the claim failed: %*s",
+                          "annotation queue: preparing \"%s\" failed: %*s",
+                          ngx_aq_stmts[ac->prepared].name,
                           ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
                           PQerrorMessage(ac->pg));
 
@@ -625,6 +633,11 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
         }
 
         PQclear(res);
+
+        if (++ac->prepared < NGX_AQ_NSTMTS) {
+            ngx_aq_conn_prepare(ac);
+            return;
+        }
 
         pool->nconnecting--;
 
@@ -683,6 +696,7 @@ ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
 
     if (res == NULL
         || q->retried
+        || q->stmt != NGX_AQ_STMT_CLAIM
         || PQresultStatus(res) != PGRES_FATAL_ERROR
         || PQtransactionStatus(ac->pg) != PQTRANS_IDLE)
     {

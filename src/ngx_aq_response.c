@@ -16,6 +16,118 @@ static ngx_int_t ngx_aq_add_header(ngx_http_request_t *r, ngx_str_t *key,
     ngx_str_t *value);
 
 
+/* every error the module answers with */
+
+const ngx_aq_error_t  ngx_aq_err_invalid_json = {
+    NGX_HTTP_BAD_REQUEST, "invalid_json",
+    "the request body is not valid JSON"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_request = {
+    NGX_HTTP_BAD_REQUEST, "invalid_request",
+    "the request body must be a JSON object"
+};
+
+const ngx_aq_error_t  ngx_aq_err_missing_queue_id = {
+    NGX_HTTP_BAD_REQUEST, "missing_queue_id", "queue_id is required"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_queue_id = {
+    NGX_HTTP_BAD_REQUEST, "invalid_queue_id",
+    "queue_id must be a UUID string"
+};
+
+const ngx_aq_error_t  ngx_aq_err_missing_item_id = {
+    NGX_HTTP_BAD_REQUEST, "missing_item_id", "item_id is required"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_item_id = {
+    NGX_HTTP_BAD_REQUEST, "invalid_item_id",
+    "item_id must be a UUID string"
+};
+
+const ngx_aq_error_t  ngx_aq_err_missing_version = {
+    NGX_HTTP_BAD_REQUEST, "missing_version",
+    "version, the token returned by the claim, is required"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_version = {
+    NGX_HTTP_BAD_REQUEST, "invalid_version",
+    "version must be a non-negative integer"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_result = {
+    NGX_HTTP_BAD_REQUEST, "invalid_result", "result must be a JSON object"
+};
+
+const ngx_aq_error_t  ngx_aq_err_missing_api_key = {
+    NGX_HTTP_UNAUTHORIZED, "missing_api_key",
+    "an Authorization: Bearer header with an API key is required"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_authorization = {
+    NGX_HTTP_UNAUTHORIZED, "invalid_authorization",
+    "the Authorization header must be: Bearer <api key>"
+};
+
+const ngx_aq_error_t  ngx_aq_err_invalid_api_key = {
+    NGX_HTTP_UNAUTHORIZED, "invalid_api_key",
+    "the API key is invalid, revoked or expired"
+};
+
+const ngx_aq_error_t  ngx_aq_err_queue_not_found = {
+    NGX_HTTP_NOT_FOUND, "queue_not_found", "no such queue"
+};
+
+const ngx_aq_error_t  ngx_aq_err_item_not_found = {
+    NGX_HTTP_NOT_FOUND, "item_not_found", "no such item"
+};
+
+const ngx_aq_error_t  ngx_aq_err_method_not_allowed = {
+    NGX_HTTP_NOT_ALLOWED, "method_not_allowed", "only POST is allowed here"
+};
+
+const ngx_aq_error_t  ngx_aq_err_no_items_available = {
+    NGX_HTTP_CONFLICT, "no_items_available",
+    "no items available or all items already claimed"
+};
+
+const ngx_aq_error_t  ngx_aq_err_stale_claim = {
+    NGX_HTTP_CONFLICT, "stale_claim",
+    "the item is not held with this version: the lease expired and it "
+    "was claimed again, or it was released or completed"
+};
+
+const ngx_aq_error_t  ngx_aq_err_body_too_large = {
+    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body_too_large",
+    "the request body is too large"
+};
+
+const ngx_aq_error_t  ngx_aq_err_database_unavailable = {
+    NGX_HTTP_SERVICE_UNAVAILABLE, "database_unavailable",
+    "the database is unavailable, retry later"
+};
+
+const ngx_aq_error_t  ngx_aq_err_pool_saturated = {
+    NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
+    "too many requests are waiting for a database connection, retry later"
+};
+
+const ngx_aq_error_t  ngx_aq_err_wait_timeout = {
+    NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
+    "no database connection became free in time, retry later"
+};
+
+const ngx_aq_error_t  ngx_aq_err_query_timeout = {
+    NGX_HTTP_GATEWAY_TIME_OUT, "query_timeout",
+    "the database did not answer in time"
+};
+
+const ngx_aq_error_t  ngx_aq_err_internal = {
+    NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error", "internal error"
+};
+
+
 static ngx_str_t  ngx_aq_content_type = ngx_string("application/json");
 static ngx_str_t  ngx_aq_cache_control = ngx_string("Cache-Control");
 static ngx_str_t  ngx_aq_no_store = ngx_string("no-store");
@@ -75,17 +187,22 @@ ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
 
 
 ngx_int_t
-ngx_aq_send_error(ngx_http_request_t *r, ngx_uint_t status, const char *code,
-    const char *message)
+ngx_aq_send_error(ngx_http_request_t *r, const ngx_aq_error_t *err)
 {
-    u_char     *body, *p;
-    size_t      len;
-    ngx_str_t  *value;
+    u_char        *body, *p;
+    size_t         len;
+    ngx_str_t     *value;
+    ngx_aq_ctx_t  *ctx;
 
-    switch (status) {
+    ctx = ngx_aq_request_ctx(r);
+    if (ctx) {
+        ctx->outcome = err->code;
+    }
+
+    switch (err->status) {
 
     case NGX_HTTP_UNAUTHORIZED:
-        value = (ngx_strcmp(code, "invalid_api_key") == 0)
+        value = (err == &ngx_aq_err_invalid_api_key)
                 ? &ngx_aq_bearer_invalid : &ngx_aq_bearer;
 
         if (ngx_aq_add_header(r, &ngx_aq_www_authenticate, value) != NGX_OK) {
@@ -122,7 +239,7 @@ ngx_aq_send_error(ngx_http_request_t *r, ngx_uint_t status, const char *code,
     /* code and message are the module's own ASCII: nothing to escape */
 
     len = sizeof("{\"success\":false,\"error\":{\"code\":\"\",\"message\":\"\"}}")
-          - 1 + ngx_strlen(code) + ngx_strlen(message);
+          - 1 + ngx_strlen(err->code) + ngx_strlen(err->message);
 
     body = ngx_pnalloc(r->pool, len);
     if (body == NULL) {
@@ -132,9 +249,9 @@ ngx_aq_send_error(ngx_http_request_t *r, ngx_uint_t status, const char *code,
     p = ngx_sprintf(body,
                     "{\"success\":false,\"error\":{\"code\":\"%s\","
                     "\"message\":\"%s\"}}",
-                    code, message);
+                    err->code, err->message);
 
-    return ngx_aq_send_json(r, status, body, p - body);
+    return ngx_aq_send_json(r, err->status, body, p - body);
 }
 
 

@@ -42,10 +42,6 @@
  * Every scan filters items by $2 directly, so each is an index range.
  */
 
-#define NGX_AQ_CLAIM_STMT     "ngx_aq_claim"
-#define NGX_AQ_CLAIM_NPARAMS  3
-#define NGX_AQ_CLAIM_TYPES    { 17 /* bytea */, 2950 /* uuid */, 20 /* int8 */ }
-
 #define NGX_AQ_CLAIM_SQL                                                      \
     "WITH k AS ( "                                                            \
     "    SELECT id, org_id "                                                  \
@@ -146,6 +142,140 @@
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
     "  FROM (SELECT 1) AS one "                                               \
     "  LEFT JOIN r ON true "
+
+
+
+/*
+ * What a holder does with its item, each the optimistic update
+ * WHERE id = ... AND version = ... AND claimed_by = <the key>:
+ *
+ *   $1 bytea   SHA-256 of the bearer key
+ *   $2 uuid    the item
+ *   $3 int8    the version the caller holds
+ *   $4         extend: int8, the lease in milliseconds for queues without
+ *              their own; complete: jsonb, the result; release: none
+ *
+ * extend keeps the version (a heartbeat is no new claim); release and
+ * complete increment it.  The result is always one row: key_ok, item_ok
+ * (the item exists in the key's organisation), then the updated item or
+ * NULLs (a stale version, an item no longer held).
+ */
+
+#define NGX_AQ_EXTEND_SQL                                                     \
+    "WITH k AS ( "                                                            \
+    "    SELECT id, org_id "                                                  \
+    "      FROM annotation_queue.api_keys "                                   \
+    "     WHERE key_hash = $1 "                                               \
+    "       AND revoked_at IS NULL "                                          \
+    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
+    "), it AS ( "                                                             \
+    "    SELECT i.id "                                                        \
+    "      FROM annotation_queue.items i "                                    \
+    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
+    "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
+    "), u AS ( "                                                              \
+    "    UPDATE annotation_queue.items i "                                    \
+    "       SET lease_expires_at = now() "                                    \
+    "           + coalesce((SELECT lease FROM annotation_queue.queues "       \
+    "                        WHERE id = i.queue_id), "                        \
+    "                      $4 * interval '1 millisecond') "                   \
+    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
+    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
+    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
+    ") "                                                                      \
+    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
+    "       u.id, u.queue_id, u.status, u.version, "                          \
+    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "  FROM (SELECT 1) AS one "                                               \
+    "  LEFT JOIN u ON true "
+
+#define NGX_AQ_RELEASE_SQL                                                    \
+    "WITH k AS ( "                                                            \
+    "    SELECT id, org_id "                                                  \
+    "      FROM annotation_queue.api_keys "                                   \
+    "     WHERE key_hash = $1 "                                               \
+    "       AND revoked_at IS NULL "                                          \
+    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
+    "), it AS ( "                                                             \
+    "    SELECT i.id "                                                        \
+    "      FROM annotation_queue.items i "                                    \
+    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
+    "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
+    "), u AS ( "                                                              \
+    "    UPDATE annotation_queue.items i "                                    \
+    "       SET status = 'available', claimed_by = NULL, claimed_at = NULL, " \
+    "           lease_expires_at = NULL, version = i.version + 1 "            \
+    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
+    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
+    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
+    ") "                                                                      \
+    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
+    "       u.id, u.queue_id, u.status, u.version, "                          \
+    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "  FROM (SELECT 1) AS one "                                               \
+    "  LEFT JOIN u ON true "
+
+#define NGX_AQ_COMPLETE_SQL                                                   \
+    "WITH k AS ( "                                                            \
+    "    SELECT id, org_id "                                                  \
+    "      FROM annotation_queue.api_keys "                                   \
+    "     WHERE key_hash = $1 "                                               \
+    "       AND revoked_at IS NULL "                                          \
+    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
+    "), it AS ( "                                                             \
+    "    SELECT i.id "                                                        \
+    "      FROM annotation_queue.items i "                                    \
+    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
+    "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
+    "), u AS ( "                                                              \
+    "    UPDATE annotation_queue.items i "                                    \
+    "       SET status = 'completed', claimed_by = NULL, "                    \
+    "           lease_expires_at = NULL, version = i.version + 1, "           \
+    "           result = $4, completed_at = now() "                           \
+    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
+    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
+    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
+    ") "                                                                      \
+    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
+    "       u.id, u.queue_id, u.status, u.version, "                          \
+    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "  FROM (SELECT 1) AS one "                                               \
+    "  LEFT JOIN u ON true "
+
+
+/* prepared on every connection, in the order of ngx_aq_stmt_e */
+
+typedef struct {
+    const char               *name;
+    const char               *sql;
+    int                       nparams;
+    Oid                       types[NGX_AQ_MAX_PARAMS];
+} ngx_aq_stmt_t;
+
+
+#define NGX_AQ_BYTEA  17
+#define NGX_AQ_INT8   20
+#define NGX_AQ_UUID   2950
+#define NGX_AQ_JSONB  3802
+
+
+static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
+
+    { "ngx_aq_claim", NGX_AQ_CLAIM_SQL, 3,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
+
+    { "ngx_aq_extend", NGX_AQ_EXTEND_SQL, 4,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8 } },
+
+    { "ngx_aq_release", NGX_AQ_RELEASE_SQL, 3,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
+
+    { "ngx_aq_complete", NGX_AQ_COMPLETE_SQL, 4,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB } }
+};
 
 
 #endif /* _NGX_AQ_SQL_H_INCLUDED_ */
