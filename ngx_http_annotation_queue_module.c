@@ -111,6 +111,20 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       offsetof(ngx_http_annotation_queue_loc_conf_t, max_body_size),
       NULL },
 
+    { ngx_string("annotation_queue_limit_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_aq_limit_zone,
+      0,
+      0,
+      NULL },
+
+    { ngx_string("annotation_queue_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
+      ngx_aq_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("annotation_queue_lease"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
@@ -383,6 +397,7 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->query_timeout = NGX_CONF_UNSET_MSEC;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
+    conf->limit_zone = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -405,6 +420,18 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
                               4096);
     ngx_conf_merge_msec_value(conf->lease, prev->lease, 15 * 60 * 1000);
+
+    if (conf->limit_zone == NGX_CONF_UNSET_PTR) {
+        conf->limit_zone = (prev->limit_zone == NGX_CONF_UNSET_PTR)
+                           ? NULL : prev->limit_zone;
+        conf->limit_burst = prev->limit_burst;
+    }
+
+    if (conf->limit_zone
+        && ngx_aq_limit_check_zone(cf, conf->limit_zone) != NGX_CONF_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
 
     if (conf->lease == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,

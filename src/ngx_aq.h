@@ -52,6 +52,7 @@ typedef enum {
 
 
 typedef struct ngx_aq_pool_s   ngx_aq_pool_t;
+typedef struct ngx_aq_limit_zone_s  ngx_aq_limit_zone_t;
 typedef struct ngx_aq_conn_s   ngx_aq_conn_t;
 typedef struct ngx_aq_query_s  ngx_aq_query_t;
 
@@ -151,8 +152,14 @@ struct ngx_aq_ctx_s {
     ngx_msec_t                sent;
     ngx_msec_t                db_time;
 
+    /* for the RateLimit headers */
+    ngx_uint_t                limit_remaining;
+    time_t                    limit_reset;
+
     unsigned                  key:1;
     unsigned                  db:1;
+    unsigned                  limit:1;
+    unsigned                  limit_learn:1;
 };
 
 
@@ -169,6 +176,9 @@ typedef struct {
     ngx_msec_t                query_timeout;
     size_t                    max_body_size;
     ngx_msec_t                lease;
+
+    ngx_shm_zone_t           *limit_zone;
+    ngx_uint_t                limit_burst;     /* in 1/1000 of a request */
 
     const ngx_aq_action_t    *action;
     ngx_aq_pool_t            *pool;
@@ -213,6 +223,7 @@ extern const ngx_aq_error_t  ngx_aq_err_method_not_allowed;
 extern const ngx_aq_error_t  ngx_aq_err_no_items_available;
 extern const ngx_aq_error_t  ngx_aq_err_stale_claim;
 extern const ngx_aq_error_t  ngx_aq_err_body_too_large;
+extern const ngx_aq_error_t  ngx_aq_err_rate_limited;
 extern const ngx_aq_error_t  ngx_aq_err_database_unavailable;
 extern const ngx_aq_error_t  ngx_aq_err_pool_saturated;
 extern const ngx_aq_error_t  ngx_aq_err_wait_timeout;
@@ -229,6 +240,14 @@ ngx_int_t ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
 void ngx_aq_pool_done(ngx_aq_pool_t *pool);
 ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 void ngx_aq_pool_cancel(ngx_aq_query_t *q);
+
+/* ngx_aq_limit.c */
+ngx_int_t ngx_aq_limit_check(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+void ngx_aq_limit_learn(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+char *ngx_aq_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_aq_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *ngx_aq_limit_check_zone(ngx_conf_t *cf, ngx_shm_zone_t *shm_zone);
+ngx_int_t ngx_aq_limit_headers(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
 
 /* ngx_aq_request.c */
 ngx_int_t ngx_aq_request_start(ngx_http_request_t *r,

@@ -71,6 +71,10 @@ ngx_aq_request_start(ngx_http_request_t *r, const ngx_aq_action_t *action)
         break;
     }
 
+    if (ngx_aq_limit_check(r, ctx) == NGX_BUSY) {
+        return ngx_aq_request_reject(r, &ngx_aq_err_rate_limited);
+    }
+
     if (r->headers_in.content_length_n > (off_t) alcf->max_body_size) {
         return ngx_aq_request_reject(r, &ngx_aq_err_body_too_large);
     }
@@ -379,6 +383,8 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     if (PQgetvalue(res, 0, 0)[0] != 't') {
         return ngx_aq_send_error(r, &ngx_aq_err_invalid_api_key);
     }
+
+    ngx_aq_limit_learn(r, ctx);
 
     return ctx->action->respond(r, ctx, res);
 }

@@ -103,6 +103,11 @@ const ngx_aq_error_t  ngx_aq_err_body_too_large = {
     "the request body is too large"
 };
 
+const ngx_aq_error_t  ngx_aq_err_rate_limited = {
+    NGX_HTTP_TOO_MANY_REQUESTS, "rate_limited",
+    "too many requests with this API key, retry later"
+};
+
 const ngx_aq_error_t  ngx_aq_err_database_unavailable = {
     NGX_HTTP_SERVICE_UNAVAILABLE, "database_unavailable",
     "the database is unavailable, retry later"
@@ -146,9 +151,10 @@ ngx_int_t
 ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
     size_t len)
 {
-    ngx_int_t     rc;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
+    ngx_int_t      rc;
+    ngx_buf_t     *b;
+    ngx_chain_t    out;
+    ngx_aq_ctx_t  *ctx;
 
     r->headers_out.status = status;
     r->headers_out.content_type = ngx_aq_content_type;
@@ -159,6 +165,12 @@ ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
     if (ngx_aq_add_header(r, &ngx_aq_cache_control, &ngx_aq_no_store)
         != NGX_OK)
     {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx = ngx_aq_request_ctx(r);
+
+    if (ctx && ctx->limit && ngx_aq_limit_headers(r, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -218,8 +230,15 @@ ngx_aq_send_error(ngx_http_request_t *r, const ngx_aq_error_t *err)
 
         break;
 
-    case NGX_HTTP_SERVICE_UNAVAILABLE:
     case NGX_HTTP_TOO_MANY_REQUESTS:
+        /* Retry-After comes with the RateLimit headers */
+        if (ctx && ctx->limit) {
+            break;
+        }
+
+        /* fall through */
+
+    case NGX_HTTP_SERVICE_UNAVAILABLE:
         if (ngx_aq_add_header(r, &ngx_aq_retry_after, &ngx_aq_one) != NGX_OK)
         {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
