@@ -32,6 +32,9 @@ static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_annotation_queue_status(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_annotation_queue_postconfiguration(ngx_conf_t *cf);
 
 
 static ngx_conf_num_bounds_t  ngx_http_annotation_queue_pool_size_bounds = {
@@ -75,6 +78,13 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       (void *) &ngx_aq_complete_action },
+
+    { ngx_string("annotation_queue_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
 
     { ngx_string("annotation_queue_pool_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -138,7 +148,7 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
 
 static ngx_http_module_t  ngx_http_annotation_queue_module_ctx = {
     ngx_http_annotation_queue_add_variables, /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_http_annotation_queue_postconfiguration, /* postconfiguration */
 
     ngx_http_annotation_queue_create_main_conf, /* create main configuration */
     NULL,                                  /* init main configuration */
@@ -281,6 +291,15 @@ ngx_http_annotation_queue_variable(ngx_http_request_t *r,
     v->not_found = 0;
 
     return NGX_OK;
+}
+
+
+/* the pools are known once the locations are merged */
+
+static ngx_int_t
+ngx_http_annotation_queue_postconfiguration(ngx_conf_t *cf)
+{
+    return ngx_aq_status_add_zone(cf);
 }
 
 
@@ -512,6 +531,7 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
         return NULL;
     }
 
+    pool->index = amcf->pools->nelts;
     pool->conninfo = alcf->database;
     pool->size = alcf->pool_size;
     pool->max_waiting = alcf->max_waiting;
@@ -596,6 +616,24 @@ ngx_http_annotation_queue_action(ngx_conf_t *cf, ngx_command_t *cmd,
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_annotation_queue_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_annotation_queue_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate";
+    }
+
+    clcf->handler = ngx_aq_status_handler;
 
     return NGX_CONF_OK;
 }

@@ -60,8 +60,24 @@ typedef void (*ngx_aq_query_handler_pt)(ngx_aq_query_t *q, PGresult *res,
     ngx_uint_t outcome);
 
 
+/* the outcomes answers are counted by, see ngx_aq_status.c */
+#define NGX_AQ_NOUTCOMES          24
+
+
+/* a worker's pool, as the status page sees it: in shared memory */
+typedef struct {
+    ngx_atomic_t              pid;
+    ngx_atomic_t              open;
+    ngx_atomic_t              connecting;
+    ngx_atomic_t              idle;
+    ngx_atomic_t              waiting;
+    ngx_atomic_t              answers[NGX_AQ_NSTMTS][NGX_AQ_NOUTCOMES];
+} ngx_aq_stats_t;
+
+
 /* one pool of PostgreSQL connections per worker and per configuration */
 struct ngx_aq_pool_s {
+    ngx_uint_t                index;
     ngx_str_t                 conninfo;
     ngx_uint_t                size;
     ngx_uint_t                max_waiting;
@@ -72,9 +88,8 @@ struct ngx_aq_pool_s {
     ngx_aq_conn_t            *conns;
     ngx_queue_t               idle;
     ngx_queue_t               waiting;
-    ngx_uint_t                nwaiting;
-    ngx_uint_t                nconnecting;
-    ngx_uint_t                nopen;
+    ngx_aq_stats_t           *st;
+    ngx_aq_stats_t            local;
     ngx_log_t                *log;
     char                      options[64];
 };
@@ -113,6 +128,7 @@ typedef struct {
     ngx_uint_t                status;
     const char               *code;
     const char               *message;
+    ngx_uint_t                outcome;    /* index in the status counters */
 } ngx_aq_error_t;
 
 
@@ -149,6 +165,7 @@ struct ngx_aq_ctx_s {
     u_char                    key_prefix[NGX_AQ_KEY_PUBLIC_LEN];
     ngx_str_t                 item_id;
     const char               *outcome;
+    const ngx_aq_error_t     *error;
     ngx_msec_t                sent;
     ngx_msec_t                db_time;
 
@@ -165,6 +182,8 @@ struct ngx_aq_ctx_s {
 
 typedef struct {
     ngx_array_t              *pools;      /* of ngx_aq_pool_t * */
+    ngx_aq_stats_t           *stats;      /* [pool][worker] */
+    ngx_uint_t                workers;
 } ngx_http_annotation_queue_main_conf_t;
 
 
@@ -232,6 +251,7 @@ extern const ngx_aq_error_t  ngx_aq_err_internal;
 
 ngx_int_t ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status,
     u_char *body, size_t len);
+ngx_int_t ngx_aq_send_body(ngx_http_request_t *r, u_char *body, size_t len);
 ngx_int_t ngx_aq_send_error(ngx_http_request_t *r,
     const ngx_aq_error_t *err);
 
@@ -248,6 +268,12 @@ char *ngx_aq_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_aq_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_aq_limit_check_zone(ngx_conf_t *cf, ngx_shm_zone_t *shm_zone);
 ngx_int_t ngx_aq_limit_headers(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+
+/* ngx_aq_status.c */
+ngx_int_t ngx_aq_status_add_zone(ngx_conf_t *cf);
+ngx_aq_stats_t *ngx_aq_status_slot(ngx_cycle_t *cycle, ngx_aq_pool_t *pool);
+void ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+ngx_int_t ngx_aq_status_handler(ngx_http_request_t *r);
 
 /* ngx_aq_request.c */
 ngx_int_t ngx_aq_request_start(ngx_http_request_t *r,

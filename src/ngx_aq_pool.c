@@ -106,10 +106,16 @@ ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
 
     ngx_queue_init(&pool->idle);
     ngx_queue_init(&pool->waiting);
-    pool->nwaiting = 0;
-    pool->nconnecting = 0;
-    pool->nopen = 0;
     pool->log = cycle->log;
+
+    /* this worker's counters, in shared memory for the status page */
+
+    pool->st = ngx_aq_status_slot(cycle, pool);
+    pool->st->pid = ngx_pid;
+    pool->st->open = 0;
+    pool->st->connecting = 0;
+    pool->st->idle = 0;
+    pool->st->waiting = 0;
 
     /*
      * The server bounds each statement too: a query the worker gave up on
@@ -161,6 +167,7 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
         ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
                             queue);
         ngx_queue_remove(&ac->queue);
+        pool->st->idle--;
 
         if (ngx_aq_conn_send(ac, q) == NGX_OK) {
             return NGX_OK;
@@ -169,15 +176,15 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
         /* the connection was found broken and closed: try the next */
     }
 
-    if (pool->nwaiting >= pool->max_waiting) {
+    if (pool->st->waiting >= pool->max_waiting) {
         return NGX_BUSY;
     }
 
-    if (pool->nconnecting <= pool->nwaiting && pool->nopen < pool->size) {
+    if (pool->st->connecting <= pool->st->waiting && pool->st->open < pool->size) {
         (void) ngx_aq_conn_connect(pool);
     }
 
-    if (pool->nopen == 0) {
+    if (pool->st->open == 0) {
         return NGX_DECLINED;
     }
 
@@ -188,7 +195,7 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
     ngx_add_timer(&q->wait, pool->query_timeout);
 
     ngx_queue_insert_tail(&pool->waiting, &q->queue);
-    pool->nwaiting++;
+    pool->st->waiting++;
     q->state = ngx_aq_query_waiting;
 
     return NGX_OK;
@@ -204,7 +211,7 @@ ngx_aq_pool_cancel(ngx_aq_query_t *q)
 
     case ngx_aq_query_waiting:
         ngx_queue_remove(&q->queue);
-        q->pool->nwaiting--;
+        q->pool->st->waiting--;
 
         if (q->wait.timer_set) {
             ngx_del_timer(&q->wait);
@@ -278,8 +285,8 @@ ngx_aq_conn_connect(ngx_aq_pool_t *pool)
     ac->pg = pg;
     ac->state = ngx_aq_conn_connecting;
     ac->prepared = 0;
-    pool->nopen++;
-    pool->nconnecting++;
+    pool->st->open++;
+    pool->st->connecting++;
 
     if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
         ngx_aq_conn_close(ac);
@@ -639,7 +646,7 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
             return;
         }
 
-        pool->nconnecting--;
+        pool->st->connecting--;
 
         ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
                        "annotation queue: connection ready on fd:%d",
@@ -744,6 +751,7 @@ ngx_aq_conn_ready(ngx_aq_conn_t *ac)
     ac->c->idle = 1;
 
     ngx_queue_insert_head(&ac->pool->idle, &ac->queue);
+    ac->pool->st->idle++;
 
     if (ngx_aq_conn_watch(ac, 1, 0) != NGX_OK) {
         ngx_aq_conn_close(ac);
@@ -953,11 +961,12 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
 
     case ngx_aq_conn_connecting:
     case ngx_aq_conn_preparing:
-        pool->nconnecting--;
+        pool->st->connecting--;
         break;
 
     case ngx_aq_conn_idle:
         ngx_queue_remove(&ac->queue);
+        pool->st->idle--;
         break;
 
     default:
@@ -977,7 +986,7 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
     ac->pg = NULL;
 
     ac->state = ngx_aq_conn_closed;
-    pool->nopen--;
+    pool->st->open--;
 }
 
 
@@ -998,8 +1007,9 @@ ngx_aq_pool_dispatch(ngx_aq_pool_t *pool)
                             queue);
 
         ngx_queue_remove(&ac->queue);
+        pool->st->idle--;
         ngx_queue_remove(qn);
-        pool->nwaiting--;
+        pool->st->waiting--;
 
         if (ngx_aq_conn_send(ac, q) == NGX_OK) {
             if (q->wait.timer_set) {
@@ -1012,7 +1022,7 @@ ngx_aq_pool_dispatch(ngx_aq_pool_t *pool)
         /* that connection was broken and is closed: q keeps its place */
 
         ngx_queue_insert_head(&pool->waiting, qn);
-        pool->nwaiting++;
+        pool->st->waiting++;
     }
 
     if (!ngx_queue_empty(&pool->waiting) && ngx_queue_empty(&pool->idle)) {
@@ -1032,13 +1042,13 @@ static void
 ngx_aq_pool_closed(ngx_aq_pool_t *pool, ngx_uint_t connecting)
 {
     if (!connecting
-        && pool->nwaiting > pool->nconnecting
-        && pool->nopen < pool->size)
+        && pool->st->waiting > pool->st->connecting
+        && pool->st->open < pool->size)
     {
         (void) ngx_aq_conn_connect(pool);
     }
 
-    if (pool->nopen == 0) {
+    if (pool->st->open == 0) {
         ngx_aq_pool_fail_waiting(pool, NGX_AQ_QUERY_UNAVAILABLE);
     }
 }
@@ -1054,7 +1064,7 @@ ngx_aq_pool_fail_waiting(ngx_aq_pool_t *pool, ngx_uint_t outcome)
                            queue);
 
         ngx_queue_remove(&q->queue);
-        pool->nwaiting--;
+        pool->st->waiting--;
 
         if (q->wait.timer_set) {
             ngx_del_timer(&q->wait);
@@ -1077,7 +1087,7 @@ ngx_aq_query_wait_handler(ngx_event_t *ev)
                   "in time");
 
     ngx_queue_remove(&q->queue);
-    q->pool->nwaiting--;
+    q->pool->st->waiting--;
 
     ngx_aq_query_finish(q, NULL, NGX_AQ_QUERY_SATURATED);
 }

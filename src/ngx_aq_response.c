@@ -20,116 +20,140 @@ static ngx_int_t ngx_aq_add_header(ngx_http_request_t *r, ngx_str_t *key,
 
 const ngx_aq_error_t  ngx_aq_err_invalid_json = {
     NGX_HTTP_BAD_REQUEST, "invalid_json",
-    "the request body is not valid JSON"
+    "the request body is not valid JSON",
+    1
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_request = {
     NGX_HTTP_BAD_REQUEST, "invalid_request",
-    "the request body must be a JSON object"
+    "the request body must be a JSON object",
+    2
 };
 
 const ngx_aq_error_t  ngx_aq_err_missing_queue_id = {
-    NGX_HTTP_BAD_REQUEST, "missing_queue_id", "queue_id is required"
+    NGX_HTTP_BAD_REQUEST, "missing_queue_id", "queue_id is required",
+    3
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_queue_id = {
     NGX_HTTP_BAD_REQUEST, "invalid_queue_id",
-    "queue_id must be a UUID string"
+    "queue_id must be a UUID string",
+    4
 };
 
 const ngx_aq_error_t  ngx_aq_err_missing_item_id = {
-    NGX_HTTP_BAD_REQUEST, "missing_item_id", "item_id is required"
+    NGX_HTTP_BAD_REQUEST, "missing_item_id", "item_id is required",
+    5
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_item_id = {
     NGX_HTTP_BAD_REQUEST, "invalid_item_id",
-    "item_id must be a UUID string"
+    "item_id must be a UUID string",
+    6
 };
 
 const ngx_aq_error_t  ngx_aq_err_missing_version = {
     NGX_HTTP_BAD_REQUEST, "missing_version",
-    "version, the token returned by the claim, is required"
+    "version, the token returned by the claim, is required",
+    7
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_version = {
     NGX_HTTP_BAD_REQUEST, "invalid_version",
-    "version must be a non-negative integer"
+    "version must be a non-negative integer",
+    8
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_result = {
-    NGX_HTTP_BAD_REQUEST, "invalid_result", "result must be a JSON object"
+    NGX_HTTP_BAD_REQUEST, "invalid_result", "result must be a JSON object",
+    9
 };
 
 const ngx_aq_error_t  ngx_aq_err_missing_api_key = {
     NGX_HTTP_UNAUTHORIZED, "missing_api_key",
-    "an Authorization: Bearer header with an API key is required"
+    "an Authorization: Bearer header with an API key is required",
+    10
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_authorization = {
     NGX_HTTP_UNAUTHORIZED, "invalid_authorization",
-    "the Authorization header must be: Bearer <api key>"
+    "the Authorization header must be: Bearer <api key>",
+    11
 };
 
 const ngx_aq_error_t  ngx_aq_err_invalid_api_key = {
     NGX_HTTP_UNAUTHORIZED, "invalid_api_key",
-    "the API key is invalid, revoked or expired"
+    "the API key is invalid, revoked or expired",
+    12
 };
 
 const ngx_aq_error_t  ngx_aq_err_queue_not_found = {
-    NGX_HTTP_NOT_FOUND, "queue_not_found", "no such queue"
+    NGX_HTTP_NOT_FOUND, "queue_not_found", "no such queue",
+    13
 };
 
 const ngx_aq_error_t  ngx_aq_err_item_not_found = {
-    NGX_HTTP_NOT_FOUND, "item_not_found", "no such item"
+    NGX_HTTP_NOT_FOUND, "item_not_found", "no such item",
+    14
 };
 
 const ngx_aq_error_t  ngx_aq_err_method_not_allowed = {
-    NGX_HTTP_NOT_ALLOWED, "method_not_allowed", "only POST is allowed here"
+    NGX_HTTP_NOT_ALLOWED, "method_not_allowed", "only POST is allowed here",
+    15
 };
 
 const ngx_aq_error_t  ngx_aq_err_no_items_available = {
     NGX_HTTP_CONFLICT, "no_items_available",
-    "no items available or all items already claimed"
+    "no items available or all items already claimed",
+    16
 };
 
 const ngx_aq_error_t  ngx_aq_err_stale_claim = {
     NGX_HTTP_CONFLICT, "stale_claim",
     "the item is not held with this version: the lease expired and it "
-    "was claimed again, or it was released or completed"
+    "was claimed again, or it was released or completed",
+    17
 };
 
 const ngx_aq_error_t  ngx_aq_err_body_too_large = {
     NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body_too_large",
-    "the request body is too large"
+    "the request body is too large",
+    18
 };
 
 const ngx_aq_error_t  ngx_aq_err_rate_limited = {
     NGX_HTTP_TOO_MANY_REQUESTS, "rate_limited",
-    "too many requests with this API key, retry later"
+    "too many requests with this API key, retry later",
+    19
 };
 
 const ngx_aq_error_t  ngx_aq_err_database_unavailable = {
     NGX_HTTP_SERVICE_UNAVAILABLE, "database_unavailable",
-    "the database is unavailable, retry later"
+    "the database is unavailable, retry later",
+    20
 };
 
 const ngx_aq_error_t  ngx_aq_err_pool_saturated = {
     NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
-    "too many requests are waiting for a database connection, retry later"
+    "too many requests are waiting for a database connection, retry later",
+    21
 };
 
 const ngx_aq_error_t  ngx_aq_err_wait_timeout = {
     NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
-    "no database connection became free in time, retry later"
+    "no database connection became free in time, retry later",
+    21
 };
 
 const ngx_aq_error_t  ngx_aq_err_query_timeout = {
     NGX_HTTP_GATEWAY_TIME_OUT, "query_timeout",
-    "the database did not answer in time"
+    "the database did not answer in time",
+    22
 };
 
 const ngx_aq_error_t  ngx_aq_err_internal = {
-    NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error", "internal error"
+    NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error", "internal error",
+    23
 };
 
 
@@ -152,8 +176,6 @@ ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
     size_t len)
 {
     ngx_int_t      rc;
-    ngx_buf_t     *b;
-    ngx_chain_t    out;
     ngx_aq_ctx_t  *ctx;
 
     r->headers_out.status = status;
@@ -170,8 +192,12 @@ ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
 
     ctx = ngx_aq_request_ctx(r);
 
-    if (ctx && ctx->limit && ngx_aq_limit_headers(r, ctx) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    if (ctx) {
+        ngx_aq_status_count(r, ctx);
+
+        if (ctx->limit && ngx_aq_limit_headers(r, ctx) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
     }
 
     rc = ngx_http_send_header(r);
@@ -179,6 +205,16 @@ ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status, u_char *body,
     if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
         return rc;
     }
+
+    return ngx_aq_send_body(r, body, len);
+}
+
+
+ngx_int_t
+ngx_aq_send_body(ngx_http_request_t *r, u_char *body, size_t len)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
 
     b = ngx_calloc_buf(r->pool);
     if (b == NULL) {
@@ -209,6 +245,7 @@ ngx_aq_send_error(ngx_http_request_t *r, const ngx_aq_error_t *err)
     ctx = ngx_aq_request_ctx(r);
     if (ctx) {
         ctx->outcome = err->code;
+        ctx->error = err;
     }
 
     switch (err->status) {
