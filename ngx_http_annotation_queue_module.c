@@ -299,6 +299,10 @@ ngx_http_annotation_queue_variable(ngx_http_request_t *r,
 static ngx_int_t
 ngx_http_annotation_queue_postconfiguration(ngx_conf_t *cf)
 {
+    if (ngx_aq_error_filter_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     return ngx_aq_status_add_zone(cf);
 }
 

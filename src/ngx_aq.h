@@ -61,7 +61,7 @@ typedef void (*ngx_aq_query_handler_pt)(ngx_aq_query_t *q, PGresult *res,
 
 
 /* the outcomes answers are counted by, see ngx_aq_status.c */
-#define NGX_AQ_NOUTCOMES          24
+#define NGX_AQ_NOUTCOMES          26
 
 
 /* a worker's pool, as the status page sees it: in shared memory */
@@ -177,6 +177,8 @@ struct ngx_aq_ctx_s {
     unsigned                  db:1;
     unsigned                  limit:1;
     unsigned                  limit_learn:1;
+    unsigned                  answered:1;
+    unsigned                  replace:1;
 };
 
 
@@ -252,6 +254,7 @@ extern const ngx_aq_error_t  ngx_aq_err_internal;
 ngx_int_t ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status,
     u_char *body, size_t len);
 ngx_int_t ngx_aq_send_body(ngx_http_request_t *r, u_char *body, size_t len);
+ngx_int_t ngx_aq_error_filter_init(ngx_conf_t *cf);
 ngx_int_t ngx_aq_send_error(ngx_http_request_t *r,
     const ngx_aq_error_t *err);
 
