@@ -192,7 +192,9 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
     q->wait.data = q;
     q->wait.log = q->log;
 
-    ngx_add_timer(&q->wait, pool->query_timeout);
+    /* time enough for a connection to be made and a query ahead to end */
+
+    ngx_add_timer(&q->wait, pool->connect_timeout + pool->query_timeout);
 
     ngx_queue_insert_tail(&pool->waiting, &q->queue);
     pool->st->waiting++;
