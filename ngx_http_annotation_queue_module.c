@@ -559,10 +559,11 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_annotation_queue_loc_conf_t *alcf = conf;
 
-    u_char           *p;
-    ngx_str_t        *value;
-    char             *err;
-    PQconninfoOption *opts;
+    char              *err;
+    u_char            *p;
+    size_t             len;
+    ngx_str_t         *value;
+    PQconninfoOption  *opts;
 
     if (alcf->database.data) {
         return "is duplicate";
@@ -583,8 +584,15 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
     opts = PQconninfoParse((const char *) p, &err);
 
     if (opts == NULL) {
+        len = err ? ngx_strlen(err) : 0;
+
+        while (len && (err[len - 1] == '\n' || err[len - 1] == ' ')) {
+            len--;
+        }
+
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid \"annotation_queue_database\": %s",
+                           "invalid \"annotation_queue_database\": %*s",
+                           err ? len : sizeof("out of memory") - 1,
                            err ? err : "out of memory");
         if (err) {
             PQfreemem(err);
