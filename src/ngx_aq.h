@@ -88,8 +88,9 @@ struct ngx_aq_pool_s {
     ngx_aq_conn_t            *conns;
     ngx_queue_t               idle;
     ngx_queue_t               waiting;
-    ngx_aq_stats_t           *st;
+    ngx_aq_stats_t           *st;         /* &local */
     ngx_aq_stats_t            local;
+    ngx_aq_stats_t           *shared;     /* the status page's slot */
     ngx_log_t                *log;
     char                      options[64];
 };
@@ -274,7 +275,8 @@ ngx_int_t ngx_aq_limit_headers(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
 
 /* ngx_aq_status.c */
 ngx_int_t ngx_aq_status_add_zone(ngx_conf_t *cf);
-ngx_aq_stats_t *ngx_aq_status_slot(ngx_cycle_t *cycle, ngx_aq_pool_t *pool);
+void ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool);
+void ngx_aq_status_publish(ngx_aq_pool_t *pool);
 void ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
 ngx_int_t ngx_aq_status_handler(ngx_http_request_t *r);
 

@@ -367,7 +367,8 @@ ngx_aq_limit_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     ngx_queue_init(&zone->sh->queue);
 
-    len = sizeof(" in annotation_queue_limit_zone \"\"") + shm_zone->shm.name.len;
+    len = sizeof(" in annotation_queue_limit_zone \"\"")
+          + shm_zone->shm.name.len;
 
     zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
     if (zone->shpool->log_ctx == NULL) {

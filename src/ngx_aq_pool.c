@@ -65,7 +65,9 @@ static ngx_int_t ngx_aq_conn_connect(ngx_aq_pool_t *pool);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q);
+static ngx_int_t ngx_aq_pool_enqueue(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 static void ngx_aq_conn_handler(ngx_event_t *ev);
+static void ngx_aq_conn_process(ngx_event_t *ev);
 static void ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_done(ngx_aq_conn_t *ac);
@@ -108,14 +110,15 @@ ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
     ngx_queue_init(&pool->waiting);
     pool->log = cycle->log;
 
-    /* this worker's counters, in shared memory for the status page */
+    /*
+     * The counters the pool works with are the worker's own; the status
+     * page's copy in shared memory is only ever written, never trusted.
+     */
 
-    pool->st = ngx_aq_status_slot(cycle, pool);
-    pool->st->pid = ngx_pid;
-    pool->st->open = 0;
-    pool->st->connecting = 0;
-    pool->st->idle = 0;
-    pool->st->waiting = 0;
+    pool->st = &pool->local;
+    ngx_memzero(&pool->local, sizeof(ngx_aq_stats_t));
+
+    ngx_aq_status_attach(cycle, pool);
 
     /*
      * The server bounds each statement too: a query the worker gave up on
@@ -158,6 +161,19 @@ ngx_aq_pool_done(ngx_aq_pool_t *pool)
 ngx_int_t
 ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
 {
+    ngx_int_t  rc;
+
+    rc = ngx_aq_pool_enqueue(pool, q);
+
+    ngx_aq_status_publish(pool);
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_aq_pool_enqueue(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
+{
     ngx_aq_conn_t  *ac;
 
     q->pool = pool;
@@ -180,7 +196,9 @@ ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
         return NGX_BUSY;
     }
 
-    if (pool->st->connecting <= pool->st->waiting && pool->st->open < pool->size) {
+    if (pool->st->connecting <= pool->st->waiting
+        && pool->st->open < pool->size)
+    {
         (void) ngx_aq_conn_connect(pool);
     }
 
@@ -230,10 +248,13 @@ ngx_aq_pool_cancel(ngx_aq_query_t *q)
         break;
 
     default:
-        break;
+        q->state = ngx_aq_query_done;
+        return;
     }
 
     q->state = ngx_aq_query_done;
+
+    ngx_aq_status_publish(q->pool);
 }
 
 
@@ -456,6 +477,21 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
 
 static void
 ngx_aq_conn_handler(ngx_event_t *ev)
+{
+    ngx_aq_pool_t     *pool;
+    ngx_connection_t  *c;
+
+    c = ev->data;
+    pool = ((ngx_aq_conn_t *) c->data)->pool;
+
+    ngx_aq_conn_process(ev);
+
+    ngx_aq_status_publish(pool);
+}
+
+
+static void
+ngx_aq_conn_process(ngx_event_t *ev)
 {
     ngx_connection_t  *c;
     ngx_aq_conn_t     *ac;
@@ -1080,6 +1116,7 @@ ngx_aq_pool_fail_waiting(ngx_aq_pool_t *pool, ngx_uint_t outcome)
 static void
 ngx_aq_query_wait_handler(ngx_event_t *ev)
 {
+    ngx_aq_pool_t   *pool;
     ngx_aq_query_t  *q;
 
     q = ev->data;
@@ -1091,7 +1128,11 @@ ngx_aq_query_wait_handler(ngx_event_t *ev)
     ngx_queue_remove(&q->queue);
     q->pool->st->waiting--;
 
+    pool = q->pool;
+
     ngx_aq_query_finish(q, NULL, NGX_AQ_QUERY_SATURATED);
+
+    ngx_aq_status_publish(pool);
 }
 
 

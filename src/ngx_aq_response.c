@@ -318,7 +318,8 @@ ngx_aq_send_error(ngx_http_request_t *r, const ngx_aq_error_t *err)
 
     /* code and message are the module's own ASCII: nothing to escape */
 
-    len = sizeof("{\"success\":false,\"error\":{\"code\":\"\",\"message\":\"\"}}")
+    len = sizeof("{\"success\":false,\"error\":{\"code\":\"\","
+                 "\"message\":\"\"}}")
           - 1 + ngx_strlen(err->code) + ngx_strlen(err->message);
 
     body = ngx_pnalloc(r->pool, len);

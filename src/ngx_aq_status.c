@@ -3,12 +3,12 @@
  * The status page (annotation_queue_status): every worker's pools, and
  * their sums, in Prometheus' text format.
  *
- * Each worker keeps its pools' counters in a slot of a shared memory zone
- * ([pool][worker]): the pool code updates its own slot in place, and any
- * worker reads all of them.  Slots are found by the worker's number, so a
- * reload's new workers take over the old workers' slots: counters go on
- * from where they were, and the gauges of an old worker still finishing
- * its requests mix with the new one's until it exits.
+ * Each worker publishes its pools' counters into a slot of a shared memory
+ * zone ([pool][worker]) after every change, and any worker reads all of
+ * them.  Slots are found by the worker's number, so a reload's new worker
+ * takes over the slot of the old worker with its number: it starts from
+ * the slot's counters (they go on across reloads) and writes its pid
+ * there; the old worker, still finishing its requests, stops publishing.
  */
 
 
@@ -125,19 +125,43 @@ ngx_aq_status_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 }
 
 
-ngx_aq_stats_t *
-ngx_aq_status_slot(ngx_cycle_t *cycle, ngx_aq_pool_t *pool)
+void
+ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool)
 {
+    ngx_aq_stats_t                         *slot;
     ngx_http_annotation_queue_main_conf_t  *amcf;
 
     amcf = ngx_http_cycle_get_module_main_conf(cycle,
                                            ngx_http_annotation_queue_module);
 
+    pool->local.pid = ngx_pid;
+    pool->shared = NULL;
+
     if (amcf->stats == NULL || ngx_worker >= amcf->workers) {
-        return &pool->local;
+        return;
     }
 
-    return &amcf->stats[pool->index * amcf->workers + ngx_worker];
+    slot = &amcf->stats[pool->index * amcf->workers + ngx_worker];
+
+    ngx_memcpy((void *) pool->local.answers, (void *) slot->answers,
+               sizeof(slot->answers));
+
+    slot->pid = ngx_pid;
+    pool->shared = slot;
+
+    ngx_aq_status_publish(pool);
+}
+
+
+void
+ngx_aq_status_publish(ngx_aq_pool_t *pool)
+{
+    if (pool->shared == NULL || pool->shared->pid != (ngx_atomic_t) ngx_pid) {
+        return;
+    }
+
+    ngx_memcpy((void *) pool->shared, (void *) &pool->local,
+               sizeof(ngx_aq_stats_t));
 }
 
 
@@ -154,6 +178,8 @@ ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
 
     alcf->pool->st->answers[ctx->action->stmt]
                            [ctx->error ? ctx->error->outcome : 0]++;
+
+    ngx_aq_status_publish(alcf->pool);
 }
 
 
