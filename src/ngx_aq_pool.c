@@ -785,6 +785,13 @@ ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
 static void
 ngx_aq_conn_ready(ngx_aq_conn_t *ac)
 {
+    if (ngx_exiting && ngx_queue_empty(&ac->pool->waiting)) {
+        /* an old worker after a reload: nothing more will come */
+        ac->state = ngx_aq_conn_busy;
+        ngx_aq_conn_close(ac);
+        return;
+    }
+
     ac->state = ngx_aq_conn_idle;
     ac->c->idle = 1;
 
