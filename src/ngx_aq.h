@@ -32,6 +32,7 @@
 
 
 #define NGX_AQ_MAX_PARAMS         4
+#define NGX_AQ_BATCH_MAX          16
 
 
 /* the prepared statements, see ngx_aq_sql.h */
@@ -40,6 +41,7 @@ typedef enum {
     NGX_AQ_STMT_EXTEND,
     NGX_AQ_STMT_RELEASE,
     NGX_AQ_STMT_COMPLETE,
+    NGX_AQ_STMT_CLAIM_BATCH,
     NGX_AQ_NSTMTS
 } ngx_aq_stmt_e;
 
@@ -113,6 +115,7 @@ struct ngx_aq_query_s {
     ngx_log_t                *log;
 
     ngx_aq_stmt_e             stmt;
+    int                       row;        /* of the result, in a batch */
     const char               *values[NGX_AQ_MAX_PARAMS];
     int                       lengths[NGX_AQ_MAX_PARAMS];
     int                       formats[NGX_AQ_MAX_PARAMS];
@@ -121,6 +124,7 @@ struct ngx_aq_query_s {
     void                     *data;
     ngx_aq_query_state_e      state;
     unsigned                  retried:1;
+    unsigned                  single:1;   /* not in a batch again */
 };
 
 

@@ -58,7 +58,7 @@ static ngx_int_t
 ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     PGresult *res)
 {
-    int          i;
+    int          i, row;
     size_t       len;
     u_char      *body, *p;
     ngx_str_t    v[6];
@@ -72,6 +72,10 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         "\",\"lease_expires_at\":\""
     };
 
+    /* a batch answers several requests, a row each */
+
+    row = ctx->query.row;
+
     if (PQnfields(res) != 8) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "annotation queue: the claim returned %d columns",
@@ -79,19 +83,19 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         return ngx_aq_send_error(r, &ngx_aq_err_internal);
     }
 
-    if (PQgetvalue(res, 0, 1)[0] != 't') {
+    if (PQgetvalue(res, row, 1)[0] != 't') {
         return ngx_aq_send_error(r, &ngx_aq_err_queue_not_found);
     }
 
-    if (PQgetisnull(res, 0, 2)) {
+    if (PQgetisnull(res, row, 2)) {
         return ngx_aq_send_error(r, &ngx_aq_err_no_items_available);
     }
 
     len = sizeof("\"}}") - 1;
 
     for (i = 0; i < 6; i++) {
-        v[i].data = (u_char *) PQgetvalue(res, 0, i + 2);
-        v[i].len = PQgetlength(res, 0, i + 2);
+        v[i].data = (u_char *) PQgetvalue(res, row, i + 2);
+        v[i].len = PQgetlength(res, row, i + 2);
         len += ngx_strlen(names[i]) + v[i].len;
     }
 

@@ -52,6 +52,9 @@ struct ngx_aq_conn_s {
     ngx_connection_t         *c;
     ino_t                     ino;
     ngx_aq_query_t           *query;
+    ngx_aq_query_t           *batch[NGX_AQ_BATCH_MAX];
+    ngx_uint_t                nbatch;
+    u_char                   *digests;   /* the batch's $1 */
     PGresult                 *result;
     ngx_aq_conn_state_e       state;
     ngx_uint_t                prepared;
@@ -65,6 +68,12 @@ static ngx_int_t ngx_aq_conn_connect(ngx_aq_pool_t *pool);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q);
+static ngx_int_t ngx_aq_conn_send_batch(ngx_aq_conn_t *ac,
+    ngx_aq_query_t **qs, ngx_uint_t n);
+static void ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res);
+static ngx_uint_t ngx_aq_pool_gather(ngx_aq_pool_t *pool,
+    ngx_aq_query_t **qs);
+static void ngx_aq_pool_requeue(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 static ngx_int_t ngx_aq_pool_enqueue(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 static void ngx_aq_conn_handler(ngx_event_t *ev);
 static void ngx_aq_conn_process(ngx_event_t *ev);
@@ -104,6 +113,13 @@ ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
 
     for (i = 0; i < pool->size; i++) {
         pool->conns[i].pool = pool;
+
+        pool->conns[i].digests = ngx_pnalloc(cycle->pool,
+                                  NGX_AQ_BATCH_MAX * (2 * NGX_AQ_DIGEST_LEN + 1)
+                                  + 2);
+        if (pool->conns[i].digests == NULL) {
+            return NGX_ERROR;
+        }
     }
 
     ngx_queue_init(&pool->idle);
@@ -241,7 +257,13 @@ ngx_aq_pool_cancel(ngx_aq_query_t *q)
 
     case ngx_aq_query_sent:
         if (q->conn) {
-            q->conn->query = NULL;
+            if (q->conn->nbatch) {
+                q->conn->batch[q->row] = NULL;
+
+            } else {
+                q->conn->query = NULL;
+            }
+
             q->conn = NULL;
         }
 
@@ -475,6 +497,71 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
 }
 
 
+/*
+ * Sends the claims of several requests for one queue as one statement:
+ * $1 is the array of their key digests, in hex.
+ */
+
+static ngx_int_t
+ngx_aq_conn_send_batch(ngx_aq_conn_t *ac, ngx_aq_query_t **qs, ngx_uint_t n)
+{
+    u_char      *p;
+    ngx_uint_t   i;
+    const char  *values[3];
+
+    ac->state = ngx_aq_conn_busy;
+    ac->c->idle = 0;
+
+    p = ac->digests;
+    *p++ = '{';
+
+    for (i = 0; i < n; i++) {
+        if (i) {
+            *p++ = ',';
+        }
+
+        p = ngx_hex_dump(p, (u_char *) qs[i]->values[0], NGX_AQ_DIGEST_LEN);
+    }
+
+    *p++ = '}';
+    *p = '\0';
+
+    values[0] = (const char *) ac->digests;
+    values[1] = qs[0]->values[1];
+    values[2] = qs[0]->values[2];
+
+    if (!PQsendQueryPrepared(ac->pg, ngx_aq_stmts[NGX_AQ_STMT_CLAIM_BATCH].name,
+                             3, values, NULL, NULL, 0)
+        || ngx_aq_conn_flush(ac) != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
+                      "annotation queue: sending the claims failed, "
+                      "closing the connection: %*s",
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
+    for (i = 0; i < n; i++) {
+        ac->batch[i] = qs[i];
+        qs[i]->conn = ac;
+        qs[i]->row = i;
+        qs[i]->state = ngx_aq_query_sent;
+    }
+
+    ac->nbatch = n;
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: %ui claims sent on fd:%d",
+                   n, ac->c->fd);
+
+    return NGX_OK;
+}
+
+
 static void
 ngx_aq_conn_handler(ngx_event_t *ev)
 {
@@ -661,6 +748,11 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
         ngx_del_timer(ac->c->read);
     }
 
+    if (ac->nbatch) {
+        ngx_aq_conn_batch_done(ac, res);
+        return;
+    }
+
     if (preparing) {
         if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
             ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
@@ -717,6 +809,75 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
 
     if (q) {
         ngx_aq_query_finish(q, res, NGX_AQ_QUERY_OK);
+    }
+
+    if (res) {
+        PQclear(res);
+    }
+}
+
+
+/*
+ * A batch's answer: a row per request.  A request the batch left without an
+ * item, and every request of a batch that failed on the unique holder index
+ * (a key claiming in two batches at once), runs the single claim next.
+ */
+
+static void
+ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
+{
+    char            *sqlstate;
+    ngx_uint_t       i, n, ok, raced, answer[NGX_AQ_BATCH_MAX];
+    ngx_aq_pool_t   *pool;
+    ngx_aq_query_t  *q, *qs[NGX_AQ_BATCH_MAX];
+
+    pool = ac->pool;
+    n = ac->nbatch;
+
+    ngx_memcpy(qs, ac->batch, n * sizeof(ngx_aq_query_t *));
+    ac->nbatch = 0;
+
+    ok = (res != NULL
+          && PQresultStatus(res) == PGRES_TUPLES_OK
+          && (ngx_uint_t) PQntuples(res) == n
+          && PQnfields(res) == 8);
+
+    sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    raced = (sqlstate && ngx_strcmp(sqlstate, "23505") == 0);
+
+    for (i = n; i-- > 0; /* void */) {
+        q = qs[i];
+        answer[i] = 0;
+
+        if (q == NULL) {
+            continue;
+        }
+
+        if (raced
+            || (ok
+                && PQgetvalue(res, i, 0)[0] == 't'
+                && PQgetvalue(res, i, 1)[0] == 't'
+                && PQgetisnull(res, i, 2)))
+        {
+            ngx_aq_pool_requeue(pool, q);
+            continue;
+        }
+
+        answer[i] = 1;
+    }
+
+    if ((ok || raced) && PQtransactionStatus(ac->pg) == PQTRANS_IDLE) {
+        ngx_aq_conn_ready(ac);
+
+    } else {
+        ngx_aq_conn_close(ac);
+        ngx_aq_pool_closed(pool, 0);
+    }
+
+    for (i = 0; i < n; i++) {
+        if (answer[i]) {
+            ngx_aq_query_finish(qs[i], res, NGX_AQ_QUERY_OK);
+        }
     }
 
     if (res) {
@@ -971,21 +1132,32 @@ ngx_aq_conn_release_socket(ngx_aq_conn_t *ac)
 static void
 ngx_aq_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome)
 {
-    ngx_uint_t       connecting;
+    ngx_uint_t       connecting, i, n;
     ngx_aq_pool_t   *pool;
-    ngx_aq_query_t  *q;
+    ngx_aq_query_t  *qs[NGX_AQ_BATCH_MAX];
 
     pool = ac->pool;
-    q = ac->query;
     connecting = (ac->state == ngx_aq_conn_connecting
                   || ac->state == ngx_aq_conn_preparing);
+
+    if (ac->nbatch) {
+        n = ac->nbatch;
+        ngx_memcpy(qs, ac->batch, n * sizeof(ngx_aq_query_t *));
+        ac->nbatch = 0;
+
+    } else {
+        n = 1;
+        qs[0] = ac->query;
+    }
 
     ac->query = NULL;
 
     ngx_aq_conn_close(ac);
 
-    if (q) {
-        ngx_aq_query_finish(q, NULL, outcome);
+    for (i = 0; i < n; i++) {
+        if (qs[i]) {
+            ngx_aq_query_finish(qs[i], NULL, outcome);
+        }
     }
 
     ngx_aq_pool_closed(pool, connecting);
@@ -1040,39 +1212,119 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
 static void
 ngx_aq_pool_dispatch(ngx_aq_pool_t *pool)
 {
-    ngx_queue_t     *qn;
+    ngx_int_t        rc;
+    ngx_uint_t       i, n;
     ngx_aq_conn_t   *ac;
-    ngx_aq_query_t  *q;
+    ngx_aq_query_t  *qs[NGX_AQ_BATCH_MAX];
 
     while (!ngx_queue_empty(&pool->waiting) && !ngx_queue_empty(&pool->idle))
     {
-        qn = ngx_queue_head(&pool->waiting);
-        q = ngx_queue_data(qn, ngx_aq_query_t, queue);
         ac = ngx_queue_data(ngx_queue_head(&pool->idle), ngx_aq_conn_t,
                             queue);
 
         ngx_queue_remove(&ac->queue);
         pool->st->idle--;
-        ngx_queue_remove(qn);
-        pool->st->waiting--;
 
-        if (ngx_aq_conn_send(ac, q) == NGX_OK) {
-            if (q->wait.timer_set) {
-                ngx_del_timer(&q->wait);
+        n = ngx_aq_pool_gather(pool, qs);
+
+        rc = (n == 1) ? ngx_aq_conn_send(ac, qs[0])
+                      : ngx_aq_conn_send_batch(ac, qs, n);
+
+        if (rc == NGX_OK) {
+            for (i = 0; i < n; i++) {
+                if (qs[i]->wait.timer_set) {
+                    ngx_del_timer(&qs[i]->wait);
+                }
             }
 
             continue;
         }
 
-        /* that connection was broken and is closed: q keeps its place */
+        /* that connection was broken and is closed: they keep their place */
 
-        ngx_queue_insert_head(&pool->waiting, qn);
-        pool->st->waiting++;
+        while (n) {
+            n--;
+            ngx_queue_insert_head(&pool->waiting, &qs[n]->queue);
+            pool->st->waiting++;
+        }
     }
 
     if (!ngx_queue_empty(&pool->waiting) && ngx_queue_empty(&pool->idle)) {
         ngx_aq_pool_closed(pool, 0);
     }
+}
+
+
+/*
+ * Takes the head of the wait list and, when it is a claim, the claims for
+ * the same queue waiting behind it: they go as one statement, one commit.
+ */
+
+static ngx_uint_t
+ngx_aq_pool_gather(ngx_aq_pool_t *pool, ngx_aq_query_t **qs)
+{
+    ngx_uint_t       n, scanned;
+    ngx_queue_t     *qn, *next;
+    ngx_aq_query_t  *q, *first;
+
+    qn = ngx_queue_head(&pool->waiting);
+    first = ngx_queue_data(qn, ngx_aq_query_t, queue);
+
+    ngx_queue_remove(qn);
+    pool->st->waiting--;
+
+    qs[0] = first;
+    n = 1;
+
+    if (first->stmt != NGX_AQ_STMT_CLAIM || first->single) {
+        return n;
+    }
+
+    scanned = 0;
+
+    for (qn = ngx_queue_head(&pool->waiting);
+         qn != ngx_queue_sentinel(&pool->waiting)
+         && n < NGX_AQ_BATCH_MAX
+         && scanned < 4 * NGX_AQ_BATCH_MAX;
+         qn = next)
+    {
+        next = ngx_queue_next(qn);
+        scanned++;
+
+        q = ngx_queue_data(qn, ngx_aq_query_t, queue);
+
+        if (q->stmt != NGX_AQ_STMT_CLAIM
+            || q->single
+            || ngx_strcmp(q->values[1], first->values[1]) != 0
+            || ngx_strcmp(q->values[2], first->values[2]) != 0)
+        {
+            continue;
+        }
+
+        ngx_queue_remove(qn);
+        pool->st->waiting--;
+
+        qs[n++] = q;
+    }
+
+    return n;
+}
+
+
+/* back to the head of the wait list, to run alone */
+
+static void
+ngx_aq_pool_requeue(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
+{
+    q->conn = NULL;
+    q->single = 1;
+    q->row = 0;
+    q->state = ngx_aq_query_waiting;
+
+    ngx_queue_insert_head(&pool->waiting, &q->queue);
+    pool->st->waiting++;
+
+    ngx_add_timer(&q->wait, pool->connect_timeout + pool->query_timeout);
 }
 
 

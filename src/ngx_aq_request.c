@@ -371,7 +371,7 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         return ngx_aq_send_error(r, &ngx_aq_err_internal);
     }
 
-    if (PQntuples(res) != 1 || PQnfields(res) < 3) {
+    if (PQntuples(res) <= ctx->query.row || PQnfields(res) < 3) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "annotation queue: %s returned %d rows of %d columns",
                       ctx->action->name, PQntuples(res), PQnfields(res));
@@ -380,7 +380,7 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 
     /* every statement's first column: was the key live */
 
-    if (PQgetvalue(res, 0, 0)[0] != 't') {
+    if (PQgetvalue(res, ctx->query.row, 0)[0] != 't') {
         return ngx_aq_send_error(r, &ngx_aq_err_invalid_api_key);
     }
 

@@ -145,6 +145,94 @@
 
 
 
+
+/*
+ * The claim for several keys at once, when requests for one queue wait for
+ * a connection together: one commit for up to NGX_AQ_BATCH_MAX claims.
+ *
+ *   $1 text[]  hex SHA-256 digests of the keys, one a waiting request
+ *   $2 uuid    the queue
+ *   $3 int8    lease in milliseconds for queues without their own lease
+ *
+ * One row per digest, in their order, with the single claim's columns.
+ * Each key is checked, a key holding a live claim gets it back, and a key
+ * given twice gets one item.  It takes available items only; a request it
+ * leaves without an item (the queue ran dry here, or only expired leases
+ * remain, or the key's own lease expired) runs the single claim, which
+ * knows all of that, before it may answer 409.
+ */
+
+#define NGX_AQ_CLAIM_BATCH_SQL                                                \
+    "WITH req AS ( "                                                          \
+    "    SELECT r.ord, decode(r.hex, 'hex') AS digest "                       \
+    "      FROM unnest($1::text[]) WITH ORDINALITY AS r(hex, ord) "           \
+    "), k AS ( "                                                              \
+    "    SELECT req.ord, a.id, a.org_id "                                     \
+    "      FROM req "                                                         \
+    "      JOIN annotation_queue.api_keys a ON a.key_hash = req.digest "      \
+    "     WHERE a.revoked_at IS NULL "                                        \
+    "       AND (a.expires_at IS NULL OR a.expires_at > now()) "              \
+    "), q AS ( "                                                              \
+    "    SELECT q.id, q.org_id, "                                             \
+    "           coalesce(q.lease, $3 * interval '1 millisecond') AS lease "   \
+    "      FROM annotation_queue.queues q "                                   \
+    "     WHERE q.id = $2 "                                                   \
+    "), kq AS ( "                                                             \
+    "    SELECT k.ord, k.id AS key_id "                                       \
+    "      FROM k, q "                                                        \
+    "     WHERE q.org_id = k.org_id "                                         \
+    "), held AS ( "                                                           \
+    "    SELECT h.* "                                                         \
+    "      FROM (SELECT DISTINCT key_id FROM kq) AS d, "                      \
+    "           LATERAL (SELECT i.claimed_by AS key_id, i.id, i.queue_id, "   \
+    "                           i.payload, i.version, i.claimed_at, "         \
+    "                           i.lease_expires_at "                          \
+    "                      FROM annotation_queue.items i "                    \
+    "                     WHERE i.claimed_by = d.key_id AND i.queue_id = $2 " \
+    "                       AND i.status = 'claimed') AS h "                  \
+    "), need AS ( "                                                           \
+    "    SELECT kq.key_id, row_number() OVER (ORDER BY min(kq.ord)) AS n "    \
+    "      FROM kq "                                                          \
+    "     WHERE kq.key_id NOT IN (SELECT key_id FROM held) "                  \
+    "     GROUP BY kq.key_id "                                                \
+    "), cand AS MATERIALIZED ( "                                              \
+    "    SELECT c.id, c.version, row_number() OVER () AS n "                  \
+    "      FROM (SELECT i.id, i.version "                                     \
+    "              FROM annotation_queue.items i "                            \
+    "             WHERE i.queue_id = $2 AND i.status = 'available' "          \
+    "             ORDER BY i.priority DESC, i.seq "                           \
+    "             LIMIT (SELECT count(*) FROM need) "                         \
+    "               FOR UPDATE SKIP LOCKED) AS c "                            \
+    "), claimed AS ( "                                                        \
+    "    UPDATE annotation_queue.items i "                                    \
+    "       SET status = 'claimed', claimed_by = need.key_id, "                \
+    "           claimed_at = now(), "                                         \
+    "           lease_expires_at = now() + q.lease, "                         \
+    "           version = i.version + 1, "                                    \
+    "           attempts = i.attempts + 1 "                                   \
+    "      FROM cand JOIN need USING (n), q "                                 \
+    "     WHERE i.id = cand.id AND i.version = cand.version "                 \
+    "    RETURNING i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "     \
+    "              i.version, "                                               \
+    "              i.claimed_at, i.lease_expires_at "                         \
+    "), got AS ( "                                                            \
+    "    SELECT * FROM claimed "                                              \
+    "    UNION ALL "                                                          \
+    "    SELECT * FROM held WHERE lease_expires_at > now() "                  \
+    ") "                                                                      \
+    "SELECT k.id IS NOT NULL, kq.key_id IS NOT NULL, "                        \
+    "       got.id, got.queue_id, got.payload::text, got.version, "           \
+    "       to_char(got.claimed_at AT TIME ZONE 'UTC', "                      \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
+    "       to_char(got.lease_expires_at AT TIME ZONE 'UTC', "                \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "  FROM req "                                                             \
+    "  LEFT JOIN k USING (ord) "                                              \
+    "  LEFT JOIN kq USING (ord) "                                             \
+    "  LEFT JOIN got ON got.key_id = kq.key_id "                              \
+    " ORDER BY req.ord "
+
+
 /*
  * What a holder does with its item, each the optimistic update
  * WHERE id = ... AND version = ... AND claimed_by = <the key>:
@@ -260,6 +348,7 @@ typedef struct {
 #define NGX_AQ_INT8   20
 #define NGX_AQ_UUID   2950
 #define NGX_AQ_JSONB  3802
+#define NGX_AQ_TEXT_ARRAY  1009
 
 
 static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
@@ -274,7 +363,10 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
 
     { "ngx_aq_complete", NGX_AQ_COMPLETE_SQL, 4,
-      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB } }
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB } },
+
+    { "ngx_aq_claim_batch", NGX_AQ_CLAIM_BATCH_SQL, 3,
+      { NGX_AQ_TEXT_ARRAY, NGX_AQ_UUID, NGX_AQ_INT8, 0 } }
 };
 
 

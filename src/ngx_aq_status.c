@@ -22,11 +22,11 @@ static u_char *ngx_aq_status_metric(u_char *p, ngx_uint_t m,
 
 
 static const char  *ngx_aq_status_endpoints[NGX_AQ_NSTMTS] = {
-    "claim", "extend", "release", "complete"
+    "claim", "extend", "release", "complete", "claim"
 };
 
 static const char  *ngx_aq_status_successes[NGX_AQ_NSTMTS] = {
-    "claimed", "extended", "released", "completed"
+    "claimed", "extended", "released", "completed", "claimed"
 };
 
 /* the error codes in the order of their ngx_aq_error_t.outcome */
