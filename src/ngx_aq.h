@@ -223,8 +223,8 @@ ngx_aq_key_rc_e ngx_aq_key_parse(ngx_str_t *authorization, u_char *digest,
     u_char *prefix);
 
 /* ngx_aq_json.c */
-const ngx_aq_error_t *ngx_aq_json_parse_claim(u_char *body, size_t len,
-    u_char *queue_id);
+const ngx_aq_error_t *ngx_aq_json_parse_claim(ngx_pool_t *pool,
+    u_char *body, size_t len, u_char *queue_id);
 const ngx_aq_error_t *ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body,
     size_t len, ngx_uint_t want_result, u_char *item_id, u_char *version,
     ngx_str_t *result);

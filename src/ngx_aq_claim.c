@@ -29,7 +29,7 @@ ngx_aq_claim_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
     const ngx_aq_error_t                  *err;
     ngx_http_annotation_queue_loc_conf_t  *alcf;
 
-    err = ngx_aq_json_parse_claim(body, len, ctx->id);
+    err = ngx_aq_json_parse_claim(r->pool, body, len, ctx->id);
     if (err) {
         return err;
     }

@@ -9,7 +9,14 @@
  *
  * jansson rejects invalid UTF-8, NUL bytes (escaped or raw), nesting beyond
  * its depth limit and, with JSON_REJECT_DUPLICATES, objects that name a key
- * twice.  Members the endpoint does not know are ignored.
+ * twice.  Numbers are decoded as doubles (JSON_DECODE_INT_AS_REAL), so that
+ * an integer beyond 64 bits is valid JSON here too; a result object is
+ * never re-encoded: PostgreSQL takes it from the body's own text, numbers
+ * exact.  Members the endpoint does not know are ignored.
+ *
+ * jansson allocates from the request's pool while it parses (its allocator
+ * is swapped in for the parse and restored after it): no heap allocation
+ * per request, nothing to free on any path.
  */
 
 
@@ -17,6 +24,10 @@
 #include <jansson.h>
 
 
+static void ngx_aq_json_enter(ngx_pool_t *pool);
+static void ngx_aq_json_leave(void);
+static void *ngx_aq_json_alloc(size_t size);
+static void ngx_aq_json_free(void *p);
 static json_t *ngx_aq_json_load(u_char *body, size_t len,
     const ngx_aq_error_t **err);
 static const ngx_aq_error_t *ngx_aq_json_uuid(json_t *root, const char *name,
@@ -24,22 +35,30 @@ static const ngx_aq_error_t *ngx_aq_json_uuid(json_t *root, const char *name,
     const ngx_aq_error_t *invalid);
 
 
+static ngx_pool_t        *ngx_aq_json_pool;
+static json_malloc_t      ngx_aq_json_saved_malloc;
+static json_free_t        ngx_aq_json_saved_free;
+
+
 const ngx_aq_error_t *
-ngx_aq_json_parse_claim(u_char *body, size_t len, u_char *queue_id)
+ngx_aq_json_parse_claim(ngx_pool_t *pool, u_char *body, size_t len,
+    u_char *queue_id)
 {
     json_t                *root;
     const ngx_aq_error_t  *err;
 
+    ngx_aq_json_enter(pool);
+
     root = ngx_aq_json_load(body, len, &err);
-    if (root == NULL) {
-        return err;
+
+    if (root) {
+        err = ngx_aq_json_uuid(root, "queue_id", queue_id,
+                               &ngx_aq_err_missing_queue_id,
+                               &ngx_aq_err_invalid_queue_id);
+        json_decref(root);
     }
 
-    err = ngx_aq_json_uuid(root, "queue_id", queue_id,
-                           &ngx_aq_err_missing_queue_id,
-                           &ngx_aq_err_invalid_queue_id);
-
-    json_decref(root);
+    ngx_aq_json_leave();
 
     return err;
 }
@@ -50,14 +69,15 @@ ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body, size_t len,
     ngx_uint_t want_result, u_char *item_id, u_char *version,
     ngx_str_t *result)
 {
-    char                  *text;
-    size_t                 n;
+    double                 v;
     json_t                *root, *value;
-    json_int_t             v;
     const ngx_aq_error_t  *err;
+
+    ngx_aq_json_enter(pool);
 
     root = ngx_aq_json_load(body, len, &err);
     if (root == NULL) {
+        ngx_aq_json_leave();
         return err;
     }
 
@@ -75,12 +95,15 @@ ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body, size_t len,
         goto done;
     }
 
-    if (!json_is_integer(value) || json_integer_value(value) < 0) {
+    v = json_is_number(value) ? json_number_value(value) : -1;
+
+    /* an integer a double holds exactly */
+
+    if (v < 0 || v > 9007199254740991.0 || v != (double) (int64_t) v) {
         err = &ngx_aq_err_invalid_version;
         goto done;
     }
 
-    v = json_integer_value(value);
     *ngx_sprintf(version, "%L", (int64_t) v) = '\0';
 
     ngx_str_null(result);
@@ -100,31 +123,58 @@ ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body, size_t len,
         goto done;
     }
 
-    text = json_dumps(value, JSON_COMPACT);
-    if (text == NULL) {
+    /* the whole body, NUL-terminated: the statement takes its "result" */
+
+    result->data = ngx_pnalloc(pool, len + 1);
+    if (result->data == NULL) {
         err = &ngx_aq_err_internal;
         goto done;
     }
 
-    n = ngx_strlen(text);
-
-    result->data = ngx_pnalloc(pool, n + 1);
-
-    if (result->data == NULL) {
-        err = &ngx_aq_err_internal;
-
-    } else {
-        ngx_memcpy(result->data, text, n + 1);
-        result->len = n;
-    }
-
-    free(text);
+    *ngx_cpymem(result->data, body, len) = '\0';
+    result->len = len;
 
 done:
 
     json_decref(root);
 
+    ngx_aq_json_leave();
+
     return err;
+}
+
+
+static void
+ngx_aq_json_enter(ngx_pool_t *pool)
+{
+    json_get_alloc_funcs(&ngx_aq_json_saved_malloc, &ngx_aq_json_saved_free);
+    json_set_alloc_funcs(ngx_aq_json_alloc, ngx_aq_json_free);
+
+    ngx_aq_json_pool = pool;
+}
+
+
+static void
+ngx_aq_json_leave(void)
+{
+    json_set_alloc_funcs(ngx_aq_json_saved_malloc, ngx_aq_json_saved_free);
+
+    ngx_aq_json_pool = NULL;
+}
+
+
+static void *
+ngx_aq_json_alloc(size_t size)
+{
+    return ngx_palloc(ngx_aq_json_pool, size);
+}
+
+
+/* the pool frees it all with the request */
+
+static void
+ngx_aq_json_free(void *p)
+{
 }
 
 
@@ -135,7 +185,8 @@ ngx_aq_json_load(u_char *body, size_t len, const ngx_aq_error_t **err)
     json_error_t   error;
 
     root = json_loadb((const char *) body, len,
-                      JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &error);
+                      JSON_DECODE_ANY | JSON_REJECT_DUPLICATES
+                      | JSON_DECODE_INT_AS_REAL, &error);
     if (root == NULL) {
         *err = &ngx_aq_err_invalid_json;
         return NULL;

@@ -241,7 +241,8 @@
  *   $2 uuid    the item
  *   $3 int8    the version the caller holds
  *   $4         extend: int8, the lease in milliseconds for queues without
- *              their own; complete: jsonb, the result; release: none
+ *              their own; complete: jsonb, the request body, whose "result"
+ *              is stored (its numbers exact); release: none
  *
  * extend keeps the version (a heartbeat is no new claim); release and
  * complete increment it.  The result is always one row: key_ok, item_ok
@@ -321,7 +322,7 @@
     "    UPDATE annotation_queue.items i "                                    \
     "       SET status = 'completed', claimed_by = NULL, "                    \
     "           lease_expires_at = NULL, version = i.version + 1, "           \
-    "           result = $4, completed_at = now() "                           \
+    "           result = $4 -> 'result', completed_at = now() "              \
     "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
     "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
     "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
