@@ -63,7 +63,7 @@ typedef void (*ngx_aq_query_handler_pt)(ngx_aq_query_t *q, PGresult *res,
 
 
 /* the outcomes answers are counted by, see ngx_aq_status.c */
-#define NGX_AQ_NOUTCOMES          26
+#define NGX_AQ_NOUTCOMES          27
 
 
 /* a worker's pool, as the status page sees it: in shared memory */

@@ -173,6 +173,12 @@ const ngx_aq_error_t  ngx_aq_err_request_timeout = {
     25
 };
 
+const ngx_aq_error_t  ngx_aq_err_service_unavailable = {
+    NGX_HTTP_SERVICE_UNAVAILABLE, "service_unavailable",
+    "the service is unavailable, retry later",
+    26
+};
+
 const ngx_aq_error_t  ngx_aq_err_internal = {
     NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error", "internal error",
     23
@@ -412,6 +418,13 @@ ngx_aq_error_header_filter(ngx_http_request_t *r)
 
     ngx_aq_status_count(r, ctx);
 
+    if ((r->headers_out.status == NGX_HTTP_SERVICE_UNAVAILABLE
+         || r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS)
+        && ngx_aq_add_header(r, &ngx_aq_retry_after, &ngx_aq_one) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     r->headers_out.content_type = ngx_aq_content_type;
     r->headers_out.content_type_len = ngx_aq_content_type.len;
     r->headers_out.content_type_lowcase = NULL;
@@ -516,7 +529,8 @@ ngx_aq_error_for_status(ngx_uint_t status)
         return &ngx_aq_err_rate_limited;
 
     case NGX_HTTP_SERVICE_UNAVAILABLE:
-        return &ngx_aq_err_database_unavailable;
+        /* not the database's: limit_req, limit_conn, ... */
+        return &ngx_aq_err_service_unavailable;
 
     case NGX_HTTP_GATEWAY_TIME_OUT:
         return &ngx_aq_err_query_timeout;

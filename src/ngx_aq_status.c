@@ -40,7 +40,8 @@ static const char  *ngx_aq_status_outcomes[NGX_AQ_NOUTCOMES] = {
     "queue_not_found", "item_not_found", "method_not_allowed",
     "no_items_available", "stale_claim", "body_too_large", "rate_limited",
     "database_unavailable", "pool_saturated", "query_timeout",
-    "internal_error", "bad_request", "request_timeout"
+    "internal_error", "bad_request", "request_timeout",
+    "service_unavailable"
 };
 
 
