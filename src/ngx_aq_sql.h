@@ -250,7 +250,7 @@
  * NULLs (a stale version, an item no longer held).
  */
 
-#define NGX_AQ_EXTEND_SQL                                                     \
+#define NGX_AQ_ITEM_HEAD_SQL                                                  \
     "WITH k AS ( "                                                            \
     "    SELECT id, org_id "                                                  \
     "      FROM annotation_queue.api_keys "                                   \
@@ -263,76 +263,40 @@
     "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
     "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
     "), u AS ( "                                                              \
-    "    UPDATE annotation_queue.items i "                                    \
+    "    UPDATE annotation_queue.items i "
+
+#define NGX_AQ_ITEM_TAIL_SQL                                                  \
+    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
+    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
+    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
+    ") "                                                                      \
+    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
+    "       u.id, u.queue_id, u.status, u.version, "                          \
+    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "  FROM (SELECT 1) AS one "                                               \
+    "  LEFT JOIN u ON true "
+
+#define NGX_AQ_EXTEND_SQL                                                     \
+    NGX_AQ_ITEM_HEAD_SQL                                                      \
     "       SET lease_expires_at = now() "                                    \
     "           + coalesce((SELECT lease FROM annotation_queue.queues "       \
     "                        WHERE id = i.queue_id), "                        \
     "                      $4 * interval '1 millisecond') "                   \
-    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
-    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
-    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
-    ") "                                                                      \
-    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
-    "       u.id, u.queue_id, u.status, u.version, "                          \
-    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
-    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
-    "  FROM (SELECT 1) AS one "                                               \
-    "  LEFT JOIN u ON true "
+    NGX_AQ_ITEM_TAIL_SQL
 
 #define NGX_AQ_RELEASE_SQL                                                    \
-    "WITH k AS ( "                                                            \
-    "    SELECT id, org_id "                                                  \
-    "      FROM annotation_queue.api_keys "                                   \
-    "     WHERE key_hash = $1 "                                               \
-    "       AND revoked_at IS NULL "                                          \
-    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
-    "), it AS ( "                                                             \
-    "    SELECT i.id "                                                        \
-    "      FROM annotation_queue.items i "                                    \
-    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
-    "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
-    "), u AS ( "                                                              \
-    "    UPDATE annotation_queue.items i "                                    \
+    NGX_AQ_ITEM_HEAD_SQL                                                      \
     "       SET status = 'available', claimed_by = NULL, claimed_at = NULL, " \
     "           lease_expires_at = NULL, version = i.version + 1 "            \
-    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
-    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
-    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
-    ") "                                                                      \
-    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
-    "       u.id, u.queue_id, u.status, u.version, "                          \
-    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
-    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
-    "  FROM (SELECT 1) AS one "                                               \
-    "  LEFT JOIN u ON true "
+    NGX_AQ_ITEM_TAIL_SQL
 
 #define NGX_AQ_COMPLETE_SQL                                                   \
-    "WITH k AS ( "                                                            \
-    "    SELECT id, org_id "                                                  \
-    "      FROM annotation_queue.api_keys "                                   \
-    "     WHERE key_hash = $1 "                                               \
-    "       AND revoked_at IS NULL "                                          \
-    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
-    "), it AS ( "                                                             \
-    "    SELECT i.id "                                                        \
-    "      FROM annotation_queue.items i "                                    \
-    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
-    "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
-    "), u AS ( "                                                              \
-    "    UPDATE annotation_queue.items i "                                    \
+    NGX_AQ_ITEM_HEAD_SQL                                                      \
     "       SET status = 'completed', claimed_by = NULL, "                    \
     "           lease_expires_at = NULL, version = i.version + 1, "           \
-    "           result = $4 -> 'result', completed_at = now() "              \
-    "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
-    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
-    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
-    ") "                                                                      \
-    "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
-    "       u.id, u.queue_id, u.status, u.version, "                          \
-    "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
-    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
-    "  FROM (SELECT 1) AS one "                                               \
-    "  LEFT JOIN u ON true "
+    "           result = $4 -> 'result', completed_at = now() "               \
+    NGX_AQ_ITEM_TAIL_SQL
 
 
 /* prepared on every connection, in the order of ngx_aq_stmt_e */
