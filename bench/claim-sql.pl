@@ -1,0 +1,79 @@
+#!/usr/bin/env perl
+# Prints the text of a C string macro of src/ngx_aq_sql.h exactly as the
+# module sends it: the string literals of the #define concatenated, C escapes
+# undone.
+#
+#   claim-sql.pl [HEADER] [MACRO]        default: src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL
+#   claim-sql.pl --pgbench [HEADER] [MACRO]
+#       the same statement as a pgbench script line (see bench/README.md):
+#       $1 -> (SELECT digest FROM bench.keys WHERE i = :k), $2 -> :queue,
+#       $3 -> :lease, and the colons inside string literals written as the
+#       escape \072 of an E'' literal (pgbench would take ":MI" for a
+#       variable); nothing else changes.
+use strict;
+use warnings;
+
+my $pgbench = 0;
+if (@ARGV && $ARGV[0] eq '--pgbench') { $pgbench = 1; shift @ARGV; }
+my $header = shift(@ARGV) // 'src/ngx_aq_sql.h';
+my $macro  = shift(@ARGV) // 'NGX_AQ_CLAIM_SQL';
+
+open(my $fh, '<', $header) or die "claim-sql: $header: $!\n";
+my ($in, $body) = (0, '');
+while (my $line = <$fh>) {
+    if (!$in) {
+        next unless $line =~ /^\s*#\s*define\s+\Q$macro\E\b(.*)$/s;
+        $in = 1;
+        $line = $1;
+    }
+    my $cont = $line =~ /\\\s*$/;
+    $line =~ s/\\\s*$//;
+    $body .= $line;
+    last unless $cont;
+}
+close $fh;
+die "claim-sql: no #define $macro in $header\n" unless $in;
+
+# strip C comments outside literals, then collect the literals
+my $sql = '';
+while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)")}gcs) {
+    next unless defined $1;
+    my $s = $1;
+    $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
+    $sql .= $s;
+}
+pos($body) //= 0;
+die "claim-sql: cannot parse $macro near: "
+    . substr($body, pos($body), 40) . "\n"
+    if pos($body) < length($body) && substr($body, pos($body)) =~ /\S/;
+die "claim-sql: $macro is empty\n" if $sql eq '';
+
+if ($pgbench) {
+    # colons inside '...' literals -> \072 in an E'' literal
+    my $out = '';
+    while ($sql =~ /\G(?:('(?:[^']|'')*')|([^']+))/gc) {
+        if (defined $1) {
+            my $lit = $1;
+            if ($lit =~ /:/) {
+                die "claim-sql: backslash in a literal with a colon\n"
+                    if $lit =~ /\\/;
+                $lit =~ s/:/\\072/g;
+                $lit = "E$lit";
+            }
+            $out .= $lit;
+        } else {
+            my $code = $2;
+            die "claim-sql: parameter \$4 or higher, unsupported\n"
+                if $code =~ /\$[4-9]|\$\d\d/;
+            $code =~ s/\$1\b/(SELECT digest FROM bench.keys WHERE i = :k)/g;
+            $code =~ s/\$2\b/:queue/g;
+            $code =~ s/\$3\b/:lease/g;
+            $out .= $code;
+        }
+    }
+    die "claim-sql: unbalanced quotes\n" if (pos($sql) // 0) < length($sql);
+    $out =~ s/\s+$//;
+    $sql = "$out;";
+}
+
+print $sql, "\n";
