@@ -9,8 +9,15 @@
  */
 
 
+/*
+ * SHA-256 through OpenSSL's low-level functions: a context on the stack, no
+ * allocation per digest (EVP_Digest() allocates contexts every time).
+ * They are deprecated in OpenSSL 3 in favour of EVP, not removed.
+ */
+#define OPENSSL_SUPPRESS_DEPRECATED
+
 #include "ngx_aq.h"
-#include <openssl/evp.h>
+#include <openssl/sha.h>
 
 
 static ngx_int_t ngx_aq_key_is_hex(u_char *p, size_t len);
@@ -106,10 +113,11 @@ ngx_aq_key_is_hex(u_char *p, size_t len)
 static ngx_int_t
 ngx_aq_sha256(u_char *data, size_t len, u_char *digest)
 {
-    unsigned int  n;
+    SHA256_CTX  ctx;
 
-    if (EVP_Digest(data, len, digest, &n, EVP_sha256(), NULL) != 1
-        || n != NGX_AQ_DIGEST_LEN)
+    if (SHA256_Init(&ctx) != 1
+        || SHA256_Update(&ctx, data, len) != 1
+        || SHA256_Final(digest, &ctx) != 1)
     {
         return NGX_ERROR;
     }
