@@ -208,10 +208,6 @@ ngx_aq_pool_enqueue(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
         /* the connection was found broken and closed: try the next */
     }
 
-    if (pool->st->waiting >= pool->max_waiting) {
-        return NGX_BUSY;
-    }
-
     if (pool->st->connecting <= pool->st->waiting
         && pool->st->open < pool->size)
     {
@@ -220,6 +216,17 @@ ngx_aq_pool_enqueue(ngx_aq_pool_t *pool, ngx_aq_query_t *q)
 
     if (pool->st->open == 0) {
         return NGX_DECLINED;
+    }
+
+    /*
+     * The wait list bounds the queries waiting for busy connections; a
+     * query may always wait for a connection being opened for it.
+     */
+
+    if (pool->st->waiting >= pool->max_waiting
+        && pool->st->waiting >= pool->st->connecting)
+    {
+        return NGX_BUSY;
     }
 
     q->wait.handler = ngx_aq_query_wait_handler;
@@ -399,9 +406,7 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
             return;
         }
 
-        if (ac->c->read->timer_set) {
-            ngx_del_timer(ac->c->read);
-        }
+        /* the connect timer goes on: it bounds preparing too */
 
         ngx_aq_conn_prepare(ac);
         return;
@@ -434,8 +439,6 @@ ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
         ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
         return;
     }
-
-    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
 
     if (ngx_aq_conn_flush(ac) != NGX_OK) {
         ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
@@ -586,17 +589,22 @@ ngx_aq_conn_process(ngx_event_t *ev)
     c = ev->data;
     ac = c->data;
 
+    if (c->read->timedout
+        && (ac->state == ngx_aq_conn_connecting
+            || ac->state == ngx_aq_conn_preparing))
+    {
+        ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
+                      "annotation queue: connecting to PostgreSQL "
+                      "timed out%s",
+                      ac->state == ngx_aq_conn_preparing
+                      ? " while preparing statements" : "");
+        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
     switch (ac->state) {
 
     case ngx_aq_conn_connecting:
-
-        if (c->read->timedout) {
-            ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
-                          "annotation queue: connecting to PostgreSQL "
-                          "timed out");
-            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
-            return;
-        }
 
         /* PQconnectPoll must only be called when the socket is ready */
 
@@ -744,7 +752,9 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
     ac->result = NULL;
     ac->query = NULL;
 
-    if (ac->c->read->timer_set) {
+    if (ac->c->read->timer_set
+        && (!preparing || ac->prepared + 1 == NGX_AQ_NSTMTS))
+    {
         ngx_del_timer(ac->c->read);
     }
 
