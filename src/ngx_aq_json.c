@@ -184,6 +184,16 @@ ngx_aq_json_load(u_char *body, size_t len, const ngx_aq_error_t **err)
     json_t        *root;
     json_error_t   error;
 
+    /*
+     * jansson stops at a raw NUL byte as at the end of the input, and
+     * takes what came before it; PostgreSQL would read the body that far
+     */
+
+    if (ngx_strlchr(body, body + len, '\0') != NULL) {
+        *err = &ngx_aq_err_invalid_json;
+        return NULL;
+    }
+
     root = json_loadb((const char *) body, len,
                       JSON_DECODE_ANY | JSON_REJECT_DUPLICATES
                       | JSON_DECODE_INT_AS_REAL, &error);
@@ -255,9 +265,15 @@ ngx_aq_uuid_valid(u_char *p, size_t len)
             continue;
         }
 
+        if (c >= '0' && c <= '9') {
+            continue;
+        }
+
+        /* not c |= 0x20 on everything: it makes 0x10-0x19 digits */
+
         c |= 0x20;
 
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) {
+        if (c < 'a' || c > 'f') {
             return 0;
         }
     }
