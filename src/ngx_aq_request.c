@@ -221,7 +221,9 @@ ngx_aq_request_read_body(ngx_http_request_t *r, size_t max, u_char **body,
             continue;
         }
 
-        p = ngx_cpymem(p, b->pos, b->last - b->pos);
+        if (b->last > b->pos) {
+            p = ngx_cpymem(p, b->pos, b->last - b->pos);
+        }
     }
 
     return NGX_OK;

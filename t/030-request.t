@@ -563,3 +563,178 @@ error body_too_large
 [error]
 [alert]
 [crit]
+
+
+
+=== TEST 29: a body nginx buffered to a temporary file (client_body_buffer_size 16) is read from it
+--- config
+    location = /api/v1/annotations/queue {
+        client_body_buffer_size 16;
+        annotation_queue_claim;
+    }
+--- request eval
+"POST $AQ::URI\n" . ::body_of_length(4000, $::small)
+--- more_headers eval
+AQ::headers(::key_of('temp-file'))
+--- error_code: 200
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+item small-2 v1
+--- error_log
+a client request body is buffered to a temporary file
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 30: invalid JSON in a temporary file: 400 invalid_json
+--- config
+    location = /api/v1/annotations/queue {
+        client_body_buffer_size 16;
+        annotation_queue_claim;
+    }
+--- request eval
+AQ::post_req('{"queue_id": "' . ('x' x 3000))
+--- more_headers eval
+AQ::headers(::key_of('temp-file-bad'))
+--- error_code: 400
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+error invalid_json
+--- error_log
+a client request body is buffered to a temporary file
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 31: a chunked body buffered to a temporary file is read from it
+--- config
+    location = /api/v1/annotations/queue {
+        client_body_buffer_size 16;
+        annotation_queue_claim;
+    }
+--- raw_request eval
+AQ::raw_post(key => ::key_of('temp-chunked'),
+             chunks => ['{"queue_id"', ': ', qq("$::small"), ' ' x 3000, '}'])
+--- error_code: 200
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+item small-3 v1
+--- error_log
+a client request body is buffered to a temporary file
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 32: client_body_in_file_only: the body is read from its file
+--- config
+    location = /api/v1/annotations/queue {
+        client_body_in_file_only clean;
+        annotation_queue_claim;
+    }
+--- request eval
+AQ::claim_req($::small)
+--- more_headers eval
+AQ::headers(::key_of('file-only'))
+--- error_code: 200
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+item small-4 v1
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 33: an Authorization header of 8000 bytes (inside nginx's 8k header buffers): 401 invalid_api_key
+--- request eval
+AQ::claim_req($::queue)
+--- more_headers eval
+"Authorization: Bearer aqk_" . ('0' x 7970)
+--- error_code: 401
+--- response_headers_like
+WWW-Authenticate: Bearer.*
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+error invalid_api_key
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 34: three headers of 7000 bytes before a valid key (4 large buffers of 8k): the claim is served
+--- request eval
+AQ::claim_req($::queue)
+--- more_headers eval
+CORE::join("\n", map({ "X-Padding-$_: " . ('p' x 7000) } 1 .. 3),
+     AQ::headers(::key_of('many-headers')))
+--- error_code: 200
+--- response_body_filters eval
+\&AQ::brief
+--- response_body
+item req-7 v1
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 35: a header line over large_client_header_buffers: nginx's own 400 before any location is chosen, never a 5xx
+--- request eval
+AQ::claim_req($::queue)
+--- more_headers eval
+"Authorization: Bearer aqk_" . ('0' x 9000)
+--- error_code: 400
+--- response_headers_like
+Content-Type: text/html
+--- error_log
+client sent too long header line
+--- no_error_log
+[alert]
+[crit]
+
+
+
+=== TEST 36: the same with the README's server-level error_page: the 400 is JSON
+--- config
+    error_page 494 = @annotation_queue_header_too_large;
+
+    location @annotation_queue_header_too_large {
+        default_type application/json;
+        return 400 '{"success":false,"error":{"code":"header_too_large","message":"a request header is larger than the server accepts"}}\n';
+    }
+
+    location = /api/v1/annotations/queue {
+        annotation_queue_claim;
+    }
+--- request eval
+AQ::claim_req($::queue)
+--- more_headers eval
+"Authorization: Bearer aqk_" . ('0' x 9000)
+--- error_code: 400
+--- response_body_filters eval
+\&AQ::canon
+--- response_body
+{"error":{"code":"header_too_large","message":"..."},"success":false}
+--- error_log
+client sent too long header line
+--- no_error_log
+[alert]
+[crit]

@@ -176,8 +176,16 @@ note sprintf '%d connections broke before an answer (retried): %s', scalar @brok
              join ', ', map { sprintf '%+.3f s after the %s%s', $_->{t} - ($_->{t} >= $killed ? $killed : $reloaded),
                                       $_->{t} >= $killed ? 'kill' : 'reload',
                                       $_->{reused} ? ' (kept-alive)' : '' } @broken;
-my @over = grep { @{ $_->{broken} || [] } > 2 } @$results;
-is(scalar @over, 0, 'at most two broken connections per client (one at the reload, one at the kill)')
+# At the reload each old worker closes its idle kept-alive connections as it
+# shuts down: a client may lose one to each old worker (it reconnects, and
+# a slow old worker may still accept that connection before it stops
+# listening); at the kill, only the connection to the killed worker.
+my @over = grep {
+    my @b = @{ $_->{broken} || [] };
+    (grep { $_->{t} < $killed } @b) > $WORKERS || (grep { $_->{t} >= $killed } @b) > 1
+} @$results;
+is(scalar @over, 0, "at most $WORKERS broken connections per client at the reload "
+                    . '(one per old worker), one at the kill')
     or diag explain [map { $_->{broken} } @over];
 my @unexplained = grep { !($_->{t} >= $reloaded && $_->{t} < $old_gone_at + 1)
                          && !($_->{t} >= $killed && $_->{t} < $respawned_at + 1) } @broken;
