@@ -273,7 +273,7 @@ case "$answer" in *'HTTP 200') ;; *) die "the sanity claim failed" ;; esac
 # check: claimed items, items claimed more than once (attempts > 1, must be
 # 0: no lease expires during a run), keys holding two items (must be 0).
 # Only claimed items can have attempts > 0 (the reset zeroes the others), so
-# both read the claimed items only, through items_lease_idx.
+# both read the claimed items only, through items_expiry_idx.
 
 check() {
     psql_ -F' ' <<'SQL'

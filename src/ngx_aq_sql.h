@@ -18,22 +18,29 @@
  *
  * k      the live key (unknown, revoked and expired keys give no row);
  * q      the queue, if it belongs to the key's organisation;
- * held   the item this key already holds in the queue (resume: a refresh
- *        or a retried request gets the same item and version back);
+ * mine   the item this key holds in the queue, live or expired: one probe
+ *        of the unique items_holder_idx (a key holds at most one item per
+ *        queue; two claims of one key racing make the second fail with
+ *        unique_violation, and the pool runs it again, which then resumes);
+ * held   mine, if its lease is live (resume: a refresh or a retried request
+ *        gets the same item and version back);
  * mine_expired
- *        the key's own item whose lease expired unclaimed: claimed again by
- *        the same key (a key holds at most one item per queue, enforced by
- *        the unique items_holder_idx; two claims of one key racing make
- *        the second fail with unique_violation, and the pool runs it again,
- *        which then resumes);
- * expired_first, available, expired
- *        candidates, each the head of one partial index, taken with
- *        FOR UPDATE SKIP LOCKED so that concurrent claims never wait on or
- *        collide over the same row; a CTE is read lazily, so the LIMIT 1
- *        over their union locks only the row it uses.  Highest priority
- *        first: an expired item goes before the available head when its
- *        priority is at least the head's (it is older); otherwise the head;
- *        the last branch serves expired items when the head is locked;
+ *        mine, if its lease expired unclaimed: claimed again by the key;
+ * available
+ *        the head of the queue's available items (items_available_idx);
+ * expired_higher, expired_same
+ *        an expired item of a higher priority than that head, or of the
+ *        same priority (older than the head, it goes first), from
+ *        items_expiry_idx (queue, priority desc, lease end); with the
+ *        priority an index bound, a claim never walks the expired items of
+ *        lower priorities, however many there are;
+ * expired
+ *        any expired item, for when nothing is available.
+ * Candidates are taken with FOR UPDATE SKIP LOCKED so that concurrent
+ * claims never wait on or collide over the same row; a CTE is read lazily,
+ * so the LIMIT 1 over their union stops at the first that gives a row (the
+ * available head is read first, to know its priority, and stays locked
+ * for the rest of the transaction when an expired item wins).
  * claimed
  *        the optimistic update: WHERE id = ... AND version = ..., version
  *        incremented; its new value is the claim's token.
@@ -54,49 +61,54 @@
     "           AS lease "                                                    \
     "      FROM annotation_queue.queues q, k "                                \
     "     WHERE q.id = $2 AND q.org_id = k.org_id "                           \
-    "), held AS ( "                                                           \
+    "), mine AS MATERIALIZED ( "                                              \
     "    SELECT i.id, i.queue_id, i.payload, i.version, i.claimed_at, "       \
     "           i.lease_expires_at "                                          \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
-    "       AND i.status = 'claimed' AND i.lease_expires_at > now() "         \
+    "       AND i.status = 'claimed' "                                        \
     "       AND EXISTS (SELECT 1 FROM q) "                                    \
-    "     ORDER BY i.claimed_at "                                             \
+    "), held AS ( "                                                           \
+    "    SELECT * "                                                           \
+    "      FROM mine "                                                        \
+    "     WHERE lease_expires_at > now() "                                    \
+    "     ORDER BY claimed_at "                                               \
     "     LIMIT 1 "                                                           \
     "), mine_expired AS MATERIALIZED ( "                                      \
     "    SELECT i.id, i.version "                                             \
     "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
+    "     WHERE i.id IN (SELECT id FROM mine "                                \
+    "                     WHERE lease_expires_at <= now()) "                  \
+    "       AND i.claimed_by = (SELECT id FROM k) "                           \
     "       AND i.status = 'claimed' AND i.lease_expires_at <= now() "        \
-    "       AND EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     LIMIT 1 "                                                           \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), head AS ( "                                                           \
-    "    SELECT i.priority "                                                  \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'available' "                  \
-    "     ORDER BY i.priority DESC, i.seq "                                   \
-    "     LIMIT 1 "                                                           \
-    "), expired_first AS MATERIALIZED ( "                                     \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "       AND i.priority >= coalesce((SELECT priority FROM head), "         \
-    "                                  i.priority) "                          \
-    "       AND EXISTS (SELECT 1 FROM q) "                                    \
-    "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     ORDER BY i.lease_expires_at "                                       \
     "     LIMIT 1 "                                                           \
     "       FOR UPDATE SKIP LOCKED "                                          \
     "), available AS MATERIALIZED ( "                                         \
-    "    SELECT i.id, i.version "                                             \
+    "    SELECT i.id, i.version, i.priority "                                 \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.queue_id = $2 AND i.status = 'available' "                  \
     "       AND EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     "     ORDER BY i.priority DESC, i.seq "                                   \
+    "     LIMIT 1 "                                                           \
+    "       FOR UPDATE SKIP LOCKED "                                          \
+    "), expired_higher AS MATERIALIZED ( "                                    \
+    "    SELECT i.id, i.version "                                             \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
+    "       AND i.priority > (SELECT priority FROM available) "               \
+    "       AND i.lease_expires_at <= now() "                                 \
+    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
+    "     LIMIT 1 "                                                           \
+    "       FOR UPDATE SKIP LOCKED "                                          \
+    "), expired_same AS MATERIALIZED ( "                                      \
+    "    SELECT i.id, i.version "                                             \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
+    "       AND i.priority = (SELECT priority FROM available) "               \
+    "       AND i.lease_expires_at <= now() "                                 \
+    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
     "     LIMIT 1 "                                                           \
     "       FOR UPDATE SKIP LOCKED "                                          \
     "), expired AS MATERIALIZED ( "                                           \
@@ -106,15 +118,17 @@
     "       AND i.lease_expires_at <= now() "                                 \
     "       AND EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     ORDER BY i.lease_expires_at "                                       \
+    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
     "     LIMIT 1 "                                                           \
     "       FOR UPDATE SKIP LOCKED "                                          \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
-    "    SELECT * FROM expired_first "                                        \
+    "    SELECT * FROM expired_higher "                                       \
     "    UNION ALL "                                                          \
-    "    SELECT * FROM available "                                            \
+    "    SELECT * FROM expired_same "                                         \
+    "    UNION ALL "                                                          \
+    "    SELECT id, version FROM available "                                  \
     "    UNION ALL "                                                          \
     "    SELECT * FROM expired "                                              \
     "    LIMIT 1 "                                                            \
@@ -156,8 +170,10 @@
  *
  * One row per digest, in their order, with the single claim's columns.
  * Each key is checked, a key holding a live claim gets it back, and a key
- * given twice gets one item.  It takes available items only; a request it
- * leaves without an item (the queue ran dry here, or only expired leases
+ * given twice gets one item.  Items are taken in the single claim's order:
+ * expired items of a higher priority than the available head, then of the
+ * same priority, then the available ones.  A request it leaves without an
+ * item (the queue ran dry here, or only expired leases of lower priorities
  * remain, or the key's own lease expired) runs the single claim, which
  * knows all of that, before it may answer 409.
  */
@@ -195,17 +211,45 @@
     "      FROM kq "                                                          \
     "     WHERE kq.key_id NOT IN (SELECT key_id FROM held) "                  \
     "     GROUP BY kq.key_id "                                                \
+    "), avail AS MATERIALIZED ( "                                             \
+    "    SELECT i.id, i.version, i.priority "                                 \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.queue_id = $2 AND i.status = 'available' "                  \
+    "     ORDER BY i.priority DESC, i.seq "                                   \
+    "     LIMIT (SELECT count(*) FROM need) "                                 \
+    "       FOR UPDATE SKIP LOCKED "                                          \
+    "), expired_higher AS MATERIALIZED ( "                                    \
+    "    SELECT i.id, i.version "                                             \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
+    "       AND i.priority > (SELECT max(priority) FROM avail) "              \
+    "       AND i.lease_expires_at <= now() "                                 \
+    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
+    "     LIMIT (SELECT count(*) FROM need) "                                 \
+    "       FOR UPDATE SKIP LOCKED "                                          \
+    "), expired_same AS MATERIALIZED ( "                                      \
+    "    SELECT i.id, i.version "                                             \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
+    "       AND i.priority = (SELECT max(priority) FROM avail) "              \
+    "       AND i.lease_expires_at <= now() "                                 \
+    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
+    "     LIMIT (SELECT count(*) FROM need) "                                 \
+    "       FOR UPDATE SKIP LOCKED "                                          \
     "), cand AS MATERIALIZED ( "                                              \
-    "    SELECT c.id, c.version, row_number() OVER () AS n "                  \
-    "      FROM (SELECT i.id, i.version "                                     \
-    "              FROM annotation_queue.items i "                            \
-    "             WHERE i.queue_id = $2 AND i.status = 'available' "          \
-    "             ORDER BY i.priority DESC, i.seq "                           \
-    "             LIMIT (SELECT count(*) FROM need) "                         \
-    "               FOR UPDATE SKIP LOCKED) AS c "                            \
+    "    SELECT c.id, c.version, "                                            \
+    "           row_number() OVER (ORDER BY c.g, c.o) AS n "                  \
+    "      FROM (SELECT id, version, 1 AS g, row_number() OVER () AS o "      \
+    "              FROM expired_higher "                                      \
+    "            UNION ALL "                                                  \
+    "            SELECT id, version, 2, row_number() OVER () "                \
+    "              FROM expired_same "                                        \
+    "            UNION ALL "                                                  \
+    "            SELECT id, version, 3, row_number() OVER () "                \
+    "              FROM avail) AS c "                                         \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
-    "       SET status = 'claimed', claimed_by = need.key_id, "                \
+    "       SET status = 'claimed', claimed_by = need.key_id, "               \
     "           claimed_at = now(), "                                         \
     "           lease_expires_at = now() + q.lease, "                         \
     "           version = i.version + 1, "                                    \

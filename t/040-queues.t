@@ -41,6 +41,30 @@ AQ::dbh()->do(q{UPDATE annotation_queue.items SET status = 'completed' WHERE que
 $q{held} = AQ::queue($org, 'held');
 AQ::enqueue($q{held}, 'held', '{"held": true}');
 
+# Expired leases among priorities: expired items of another rater (a
+# claimed_by that is no key here) whose leases ran out at given times.
+$q{expiry} = AQ::queue($org, 'expiry');
+AQ::enqueue($q{expiry}, 'e-avail-1', '{"e": "avail-1"}', 1);
+AQ::enqueue($q{expiry}, 'e-avail-0', '{"e": "avail-0"}', 0);
+AQ::enqueue($q{expiry}, 'e-exp-5', '{"e": "exp-5"}', 5);
+AQ::enqueue($q{expiry}, 'e-exp-1-new', '{"e": "exp-1-new"}', 1);
+AQ::enqueue($q{expiry}, 'e-exp-1-old', '{"e": "exp-1-old"}', 1);
+AQ::enqueue_many($q{expiry}, 300, priority => -1, prefix => 'e-low');
+sub expired_since {
+    my ($seconds, @labels) = @_;
+    AQ::dbh()->do(q{UPDATE annotation_queue.items
+                       SET status = 'claimed', claimed_by = gen_random_uuid(),
+                           claimed_at = now() - interval '1 hour',
+                           lease_expires_at = now() - ? * interval '1 second',
+                           version = 1, attempts = 1
+                     WHERE id = ?}, undef, $seconds, AQ::item_id($_))
+        for @labels;
+}
+expired_since(1, 'e-exp-5');
+expired_since(60, 'e-exp-1-new');
+expired_since(120, 'e-exp-1-old');
+expired_since(1000 - $_, "e-low-$_") for 1 .. 300;
+
 our $unknown_queue = AQ::random_uuid();
 our @bodies;    # raw bodies kept by ::keep
 sub keep { push @bodies, $_[0]; return $_[0] }
@@ -268,6 +292,29 @@ error no_items_available
 --- response_body eval
 ["item held v1\n", "error no_items_available\n", "error no_items_available\n",
  "error no_items_available\nversion 1, attempts 1\n"]
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 12: expired leases by priority: higher than the head first, then the same priority (oldest lease first) before the head, lower ones after every available item
+In the queue: available items of priority 1 and 0; expired items of
+priority 5, of priority 1 (two), and 300 of priority -1 whose leases ran out
+before all the others.  Each claim by a new key.
+--- request eval
+[(AQ::claim_req($::q{expiry})) x 7]
+--- more_headers eval
+[map { AQ::headers(::key_of("expiry-$_")) } 1 .. 7]
+--- error_code eval
+[(200) x 7]
+--- response_body_filters eval
+\&AQ::brief
+--- response_body eval
+["item e-exp-5 v2\n", "item e-exp-1-old v2\n", "item e-exp-1-new v2\n",
+ "item e-avail-1 v1\n", "item e-avail-0 v1\n", "item e-low-1 v2\n",
+ "item e-low-2 v2\n"]
 --- no_error_log
 [error]
 [alert]
