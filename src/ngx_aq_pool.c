@@ -5,8 +5,9 @@
  *
  * Each connection is a PGconn whose socket is wrapped in an nginx
  * connection.  Its life: closed -> connecting (PQconnectStart and
- * PQconnectPoll, under the connect timer) -> preparing (PQsendPrepare of the
- * statements) -> idle <-> busy (PQsendQueryPrepared, PQflush, PQconsumeInput,
+ * PQconnectPoll, under the connect timer) -> preparing (PQsendPrepare of
+ * every statement in one pipeline: one round trip, still under the connect
+ * timer) -> idle <-> busy (PQsendQueryPrepared, PQflush, PQconsumeInput,
  * PQgetResult until NULL, under the query timer).  Nothing here ever waits:
  * every wait is an event or a timer.
  *
@@ -67,6 +68,7 @@ struct ngx_aq_conn_s {
 static ngx_int_t ngx_aq_conn_connect(ngx_aq_pool_t *pool);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q);
 static ngx_int_t ngx_aq_conn_send_batch(ngx_aq_conn_t *ac,
     ngx_aq_query_t **qs, ngx_uint_t n);
@@ -418,31 +420,138 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 }
 
 
-/* prepares the next of the statements, one round trip each */
+/*
+ * Prepares every statement in one round trip: the Parse messages of all of
+ * them and a Sync go out together in libpq's pipeline mode, and the answers
+ * are read by ngx_aq_conn_read_prepared().
+ */
 
 static void
 ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
 {
+    ngx_uint_t            i;
     const ngx_aq_stmt_t  *stmt;
 
-    stmt = &ngx_aq_stmts[ac->prepared];
-
     ac->state = ngx_aq_conn_preparing;
+    ac->prepared = 0;
 
-    if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
-                       stmt->types))
-    {
-        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
-                      "annotation queue: PQsendPrepare() failed: %*s",
-                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
-                      PQerrorMessage(ac->pg));
-        ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
-        return;
+    if (!PQenterPipelineMode(ac->pg)) {
+        goto failed;
+    }
+
+    for (i = 0; i < NGX_AQ_NSTMTS; i++) {
+        stmt = &ngx_aq_stmts[i];
+
+        if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
+                           stmt->types))
+        {
+            goto failed;
+        }
+    }
+
+    if (!PQpipelineSync(ac->pg)) {
+        goto failed;
     }
 
     if (ngx_aq_conn_flush(ac) != NGX_OK) {
         ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
     }
+
+    return;
+
+failed:
+
+    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                  "annotation queue: preparing statements failed: %*s",
+                  ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+    ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+}
+
+
+/*
+ * The answers to the pipeline of ngx_aq_conn_prepare(), in order: for each
+ * statement a result and a NULL, then the Sync's PGRES_PIPELINE_SYNC.  A
+ * statement that fails makes the rest PGRES_PIPELINE_ABORTED: the first
+ * error is logged and the connection closed.
+ */
+
+static void
+ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
+{
+    ngx_uint_t       nulls;
+    PGresult        *res;
+    ExecStatusType   status;
+
+    nulls = 0;
+
+    while (!PQisBusy(ac->pg)) {
+        res = PQgetResult(ac->pg);
+
+        if (res == NULL) {
+
+            /* the end of one statement's results; never more than those */
+
+            if (++nulls > NGX_AQ_NSTMTS) {
+                break;
+            }
+
+            continue;
+        }
+
+        status = PQresultStatus(res);
+
+        if (status == PGRES_FATAL_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                          "annotation queue: preparing \"%s\" failed: %*s",
+                          ngx_aq_stmts[ngx_min(ac->prepared,
+                                               NGX_AQ_NSTMTS - 1)].name,
+                          ngx_aq_pg_error_len(PQresultErrorMessage(res)),
+                          PQresultErrorMessage(res));
+            PQclear(res);
+            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        PQclear(res);
+
+        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS) {
+            ac->prepared++;
+            continue;
+        }
+
+        if (status == PGRES_PIPELINE_SYNC
+            && ac->prepared == NGX_AQ_NSTMTS
+            && PQexitPipelineMode(ac->pg))
+        {
+            if (ac->c->read->timer_set) {
+                ngx_del_timer(ac->c->read);
+            }
+
+            ac->pool->st->connecting--;
+
+            ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                           "annotation queue: connection ready on fd:%d",
+                           ac->c->fd);
+
+            ngx_aq_conn_ready(ac);
+            return;
+        }
+
+        break;
+    }
+
+    if (PQisBusy(ac->pg)) {
+        return;    /* the rest of the answers is still on its way */
+    }
+
+    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                  "annotation queue: preparing \"%s\" failed: %*s",
+                  ngx_aq_stmts[ngx_min(ac->prepared, NGX_AQ_NSTMTS - 1)].name,
+                  ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+
+    ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
 }
 
 
@@ -716,6 +825,11 @@ ngx_aq_conn_read(ngx_aq_conn_t *ac)
 
     } while (PQisBusy(ac->pg) && ssl && SSL_pending(ssl) > 0);
 
+    if (ac->state == ngx_aq_conn_preparing) {
+        ngx_aq_conn_read_prepared(ac);
+        return;
+    }
+
     while (!PQisBusy(ac->pg)) {
         res = PQgetResult(ac->pg);
 
@@ -739,7 +853,6 @@ ngx_aq_conn_read(ngx_aq_conn_t *ac)
 static void
 ngx_aq_conn_done(ngx_aq_conn_t *ac)
 {
-    ngx_uint_t       preparing;
     PGresult        *res;
     ngx_aq_pool_t   *pool;
     ngx_aq_query_t  *q;
@@ -747,52 +860,16 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
     pool = ac->pool;
     res = ac->result;
     q = ac->query;
-    preparing = (ac->state == ngx_aq_conn_preparing);
 
     ac->result = NULL;
     ac->query = NULL;
 
-    if (ac->c->read->timer_set
-        && (!preparing || ac->prepared + 1 == NGX_AQ_NSTMTS))
-    {
+    if (ac->c->read->timer_set) {
         ngx_del_timer(ac->c->read);
     }
 
     if (ac->nbatch) {
         ngx_aq_conn_batch_done(ac, res);
-        return;
-    }
-
-    if (preparing) {
-        if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
-            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
-                          "annotation queue: preparing \"%s\" failed: %*s",
-                          ngx_aq_stmts[ac->prepared].name,
-                          ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
-                          PQerrorMessage(ac->pg));
-
-            if (res) {
-                PQclear(res);
-            }
-
-            ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
-            return;
-        }
-
-        PQclear(res);
-
-        if (++ac->prepared < NGX_AQ_NSTMTS) {
-            ngx_aq_conn_prepare(ac);
-            return;
-        }
-
-        pool->st->connecting--;
-
-        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
-                       "annotation queue: connection ready on fd:%d",
-                       ac->c->fd);
-
-        ngx_aq_conn_ready(ac);
         return;
     }
 

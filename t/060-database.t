@@ -29,6 +29,10 @@ our $tarpit = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
 $ENV{TEST_NGINX_AQ_TARPIT_DSN} =
     "host=127.0.0.1 port=" . $tarpit->sockport . " user=postgres dbname=$AQ::DB";
 
+# The same server, a database without the module's schema: the statements
+# cannot be prepared.
+$ENV{TEST_NGINX_AQ_NOSCHEMA_DSN} = AQ::conninfo(%AQ::PG, dbname => 'postgres');
+
 sub error_code_of {
     my ($body) = @_;
     my $doc = eval { JSON::PP->new->utf8->decode($body) };
@@ -237,6 +241,29 @@ Retry-After: \d+
 \&AQ::brief
 --- response_body
 error database_unavailable
+--- no_error_log
+[alert]
+[crit]
+
+
+
+=== TEST 6: a database without the schema: the statements, prepared together in one pipeline, fail: 503 database_unavailable, the error log names the statement and PostgreSQL's error
+--- http_config
+    annotation_queue_database "$TEST_NGINX_AQ_NOSCHEMA_DSN";
+--- request eval
+[(AQ::claim_req($::queue)) x 2]
+--- more_headers eval
+[(AQ::headers(::key_of('no-schema'))) x 2]
+--- error_code eval
+[503, 503]
+--- response_headers_like eval
+[("Retry-After: \\d+") x 2]
+--- response_body_filters eval
+\&AQ::brief
+--- response_body eval
+[("error database_unavailable\n") x 2]
+--- error_log eval
+qr/\[error\] .*annotation queue: preparing "ngx_aq_claim" failed: ERROR:  relation "annotation_queue\.api_keys" does not exist/
 --- no_error_log
 [alert]
 [crit]
