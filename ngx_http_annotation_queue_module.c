@@ -30,6 +30,8 @@ static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     ngx_http_annotation_queue_loc_conf_t *alcf);
 static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static void ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf,
+    PQconninfoOption *opts);
 static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_annotation_queue_status(ngx_conf_t *cf,
@@ -601,12 +603,88 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
+    ngx_http_annotation_queue_check_hosts(cf, opts);
+
     PQconninfoFree(opts);
 
     alcf->database.data = p;
     alcf->database.len = value[1].len;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * libpq resolves a host name with getaddrinfo(), a blocking call, in the
+ * worker, at every connect: say so when the conninfo holds one (IP
+ * addresses, unix socket directories, "localhost" and any conninfo with
+ * hostaddr are resolved without the network).
+ */
+
+static void
+ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf, PQconninfoOption *opts)
+{
+    u_char            *p, *last, *comma;
+    ngx_str_t          host;
+    PQconninfoOption  *o, *hosts;
+#if (NGX_HAVE_INET6)
+    u_char             addr6[16];
+#endif
+
+    hosts = NULL;
+
+    for (o = opts; o->keyword; o++) {
+        if (ngx_strcmp(o->keyword, "hostaddr") == 0
+            && o->val && o->val[0] != '\0')
+        {
+            return;
+        }
+
+        if (ngx_strcmp(o->keyword, "host") == 0 && o->val) {
+            hosts = o;
+        }
+    }
+
+    if (hosts == NULL) {
+        return;
+    }
+
+    p = (u_char *) hosts->val;
+    last = p + ngx_strlen(p);
+
+    while (p < last) {
+        comma = ngx_strlchr(p, last, ',');
+        if (comma == NULL) {
+            comma = last;
+        }
+
+        host.data = p;
+        host.len = comma - p;
+        p = comma + 1;
+
+        if (host.len == 0
+            || host.data[0] == '/' || host.data[0] == '@'
+            || (host.len == sizeof("localhost") - 1
+                && ngx_strncasecmp(host.data, (u_char *) "localhost",
+                                   host.len) == 0)
+            || ngx_inet_addr(host.data, host.len) != INADDR_NONE)
+        {
+            continue;
+        }
+
+#if (NGX_HAVE_INET6)
+        if (ngx_inet6_addr(host.data, host.len, addr6) == NGX_OK) {
+            continue;
+        }
+#endif
+
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "\"annotation_queue_database\" names host "
+                           "\"%V\": libpq resolves it with a blocking call "
+                           "in the worker at every connect; an IP address, "
+                           "\"hostaddr\" or a unix socket avoids that",
+                           &host);
+    }
 }
 
 
