@@ -1,8 +1,16 @@
 # make bench: the claim endpoint against PostgreSQL's own limit (pgbench
 # running the same statement).  Included by the top Makefile; see
 # bench/README.md.  BENCH_QUICK=1 make bench for a short try.
+#
+# make bench-flat: claim latency with 10,000 to 10,000,000 items in a queue,
+# and with many completed and expired items in the table, plus a sustained
+# run without reset (bench/flat.sh; BENCH_FLAT_SIZES="10000 100000" for a
+# short try).
 
-.PHONY: bench
+.PHONY: bench bench-flat
 
 bench: deps $(MODULE)
 	@MODULE=$(MODULE) bench/run.sh
+
+bench-flat: deps $(MODULE)
+	@MODULE=$(MODULE) bench/flat.sh
