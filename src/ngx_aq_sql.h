@@ -22,10 +22,18 @@
  *        of the unique items_holder_idx (a key holds at most one item per
  *        queue; two claims of one key racing make the second fail with
  *        unique_violation, and the pool runs it again, which then resumes);
+ *        items_expiry_idx's predicate asks for a lease, which neither mine
+ *        nor mine_expired states as such (coalesce), so that the planner
+ *        cannot take that index for them: when the table's statistics say
+ *        that few items are claimed, the two partial indexes cost the same
+ *        to the planner, and through items_expiry_idx finding the key's
+ *        item meant reading every claimed item of the queue;
  * held   mine, if its lease is live (resume: a refresh or a retried request
  *        gets the same item and version back);
  * mine_expired
- *        mine, if its lease expired unclaimed: claimed again by the key;
+ *        mine, if its lease expired unclaimed: claimed again by the key
+ *        (locked through the primary key; the conditions are checked again
+ *        on the row once locked);
  * available
  *        the head of the queue's available items (items_available_idx);
  * expired_higher, expired_same
@@ -77,12 +85,11 @@
     "), mine_expired AS MATERIALIZED ( "                                      \
     "    SELECT i.id, i.version "                                             \
     "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.id IN (SELECT id FROM mine "                                \
-    "                     WHERE lease_expires_at <= now()) "                  \
-    "       AND i.claimed_by = (SELECT id FROM k) "                           \
-    "       AND i.status = 'claimed' AND i.lease_expires_at <= now() "        \
+    "     WHERE i.id = (SELECT id FROM mine "                                 \
+    "                    WHERE lease_expires_at <= now() LIMIT 1) "           \
+    "       AND i.claimed_by = (SELECT id FROM k) AND i.status = 'claimed' "  \
+    "       AND coalesce(i.lease_expires_at, 'infinity') <= now() "           \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     LIMIT 1 "                                                           \
     "       FOR UPDATE SKIP LOCKED "                                          \
     "), available AS MATERIALIZED ( "                                         \
     "    SELECT i.id, i.version, i.priority "                                 \
@@ -198,14 +205,11 @@
     "      FROM k, q "                                                        \
     "     WHERE q.org_id = k.org_id "                                         \
     "), held AS ( "                                                           \
-    "    SELECT h.* "                                                         \
-    "      FROM (SELECT DISTINCT key_id FROM kq) AS d, "                      \
-    "           LATERAL (SELECT i.claimed_by AS key_id, i.id, i.queue_id, "   \
-    "                           i.payload, i.version, i.claimed_at, "         \
-    "                           i.lease_expires_at "                          \
-    "                      FROM annotation_queue.items i "                    \
-    "                     WHERE i.claimed_by = d.key_id AND i.queue_id = $2 " \
-    "                       AND i.status = 'claimed') AS h "                  \
+    "    SELECT i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "        \
+    "           i.version, i.claimed_at, i.lease_expires_at "                 \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.claimed_by = ANY (ARRAY(SELECT key_id FROM kq)) "           \
+    "       AND i.queue_id = $2 AND i.status = 'claimed' "                    \
     "), need AS ( "                                                           \
     "    SELECT kq.key_id, row_number() OVER (ORDER BY min(kq.ord)) AS n "    \
     "      FROM kq "                                                          \

@@ -1,12 +1,16 @@
-# The batch claim statement (NGX_AQ_CLAIM_BATCH_SQL, what a connection sends
-# for up to 16 waiting claims of one queue), run directly against
-# PostgreSQL exactly as the module prepares it (bench/claim-sql.pl reads it
-# from src/ngx_aq_sql.h): its order is the single claim's (expired items of
-# a higher priority than the available head, then of the same priority,
-# then the available items), each key checked, a held item given back, a
-# key given twice one item, and nothing taken that the single claim would
-# not take first.  Through nginx, batches only form when every connection
-# is busy (t/110-slow.t and t/120-abort.t make them).
+# The claim statements of src/ngx_aq_sql.h run directly against PostgreSQL,
+# exactly as the module prepares them (bench/claim-sql.pl reads them).
+#
+# The batch (NGX_AQ_CLAIM_BATCH_SQL, what a connection sends for up to 16
+# waiting claims of one queue): its order is the single claim's (expired
+# items of a higher priority than the available head, then of the same
+# priority, then the available items), each key checked, a held item given
+# back, a key given twice one item, and nothing taken that the single claim
+# would not take first.  Through nginx, batches only form when every
+# connection is busy (t/110-slow.t and t/120-abort.t make them).
+#
+# The plans of both statements: every read of items an index range of the
+# index made for it, whatever the statistics say.
 use strict;
 use warnings;
 
@@ -108,5 +112,60 @@ expired_since(5, 'd-exp');
 is_deeply(batch($dry, qw(k1 k2)), [[1, 1, undef, undef], [1, 1, undef, undef]],
           'with nothing available, no item: each claim runs the single claim next');
 is(AQ::item('d-exp')->{version}, 1, '... which takes the expired item (untouched here)');
+
+# --- plans: each lookup through the index made for it --------------------
+#
+# Both statements, planned generic (what a connection's prepared statement
+# ends up with) and custom, right after ANALYZE of a table of 50,000 items
+# where nothing is claimed (the statistics under which the planner once weighed
+# items_expiry_idx and items_holder_idx the same and found a key's own item
+# by reading every claimed item of the queue): items_expiry_idx is only
+# used with a lease end in its index condition, items_holder_idx only with
+# claimed_by in it, and items is never read in full.
+$dbh->do('UPDATE annotation_queue.items SET status = ?, claimed_by = NULL, '
+         . 'claimed_at = NULL, lease_expires_at = NULL WHERE status = ?',
+         undef, 'available', 'claimed');
+my $plan_q = AQ::queue($org, 'batch-plans');
+$dbh->do(q{INSERT INTO annotation_queue.items (queue_id, payload)
+           SELECT ?, jsonb_build_object('n', g) FROM generate_series(1, 50000) AS g},
+         undef, $plan_q);
+$dbh->do('VACUUM ANALYZE annotation_queue.items');
+my $single = `$^X bench/claim-sql.pl src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL`;
+$dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single");
+$dbh->do("PREPARE plan_batch (text[], uuid, int8) AS $sql");
+my $digests = '{' . join(',', map { digest($key{$_}) } qw(k1 k2)) . '}';
+for my $mode (qw(force_generic_plan force_custom_plan)) {
+    $dbh->do("SET plan_cache_mode = $mode");
+    for my $stmt (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)',
+                   digest($key{k3})],
+                  ['batch', 'EXECUTE plan_batch (?, ?, 900000)', $digests]) {
+        my ($name, $exec, $arg) = @$stmt;
+        my $lines = $dbh->selectcol_arrayref("EXPLAIN (COSTS OFF) $exec", undef,
+                                             $arg, $plan_q);
+        my (@bad, $scan);
+        for my $l (@$lines) {
+            if ($l =~ /Seq Scan on items/) {
+                push @bad, $l;
+            }
+            if ($l =~ /Index (?:Only )?Scan using (items_\w+)/) {
+                $scan = $1;
+                push @bad, "$l (no index condition)"
+                    if $scan =~ /^items_(?:expiry|holder)_idx$/;
+                next;
+            }
+            next unless $scan && $l =~ /Index Cond: (.*)/;
+            my $cond = $1;
+            if ($scan eq 'items_expiry_idx' || $scan eq 'items_holder_idx') {
+                pop @bad;
+                push @bad, "$scan: $cond"
+                    if ($scan eq 'items_expiry_idx' && $cond !~ /lease_expires_at/)
+                    || ($scan eq 'items_holder_idx' && $cond !~ /claimed_by/);
+            }
+            $scan = undef;
+        }
+        is_deeply(\@bad, [], "$name claim, $mode: every items scan is an index range "
+                             . 'of the index made for it') or diag join "\n", @$lines;
+    }
+}
 
 done_testing();
