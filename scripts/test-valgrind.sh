@@ -16,6 +16,9 @@
 #   process, master or worker, writes its own report file, whatever nginx
 #   does with its stderr) and --trace-children=yes (so that the wrapper's
 #   exec of nginx stays under the valgrind Test::Nginx started).
+# - The suites scale what they wait for and the rates they expect by
+#   AQ::slow() (t/lib/AQ.pm): 10 under valgrind, AQ_TEST_SLOW=<factor>
+#   to change it (a loaded machine); normal runs use 1.
 #
 # Fails when a suite fails or when any report holds an error that
 # valgrind.suppress does not suppress: invalid reads or writes, uses of
