@@ -16,6 +16,9 @@
 #   process, master or worker, writes its own report file, whatever nginx
 #   does with its stderr) and --trace-children=yes (so that the wrapper's
 #   exec of nginx stays under the valgrind Test::Nginx started).
+# - The suites scale what they wait for and the rates they expect by
+#   AQ::slow() (t/lib/AQ.pm): 10 under valgrind, AQ_TEST_SLOW=<factor>
+#   to change it (a loaded machine); normal runs use 1.
 #
 # Fails when a suite fails or when any report holds an error that
 # valgrind.suppress does not suppress: invalid reads or writes, uses of
@@ -69,10 +72,16 @@ chmod +x "$out/nginx-valgrind"
 export TEST_NGINX_USE_VALGRIND=1
 export TEST_NGINX_BINARY="$out/nginx-valgrind"
 export VALGRIND_OPTS="--log-file=$reports/vg.%p.log --trace-children=yes"
-# valgrind slows nginx down 10-50 times: give it time to start, and give
-# each request 30 s instead of Test::Nginx's 3 (blocks with their own
-# --- timeout keep it)
-export TEST_NGINX_SLEEP=${TEST_NGINX_SLEEP:-0.5}
+# valgrind slows nginx down 10-50 times: give each request 30 s instead of
+# Test::Nginx's 3 (blocks with their own --- timeout keep it).
+# TEST_NGINX_SLEEP: Test::Nginx sleeps it after starting nginx (then retries
+# connecting for up to about 50 s, so nginx has time to start anyway) and
+# three times it before each error log check, that is after every request
+# of a block with --- error_log or --- no_error_log: 0.2 s gives the log
+# phase time to write, and keeps a block of 40 requests well within the
+# minute that the rate limit suite's requests take to leak under valgrind
+# (t/080-limit.t, AQ::slow() in t/lib/AQ.pm)
+export TEST_NGINX_SLEEP=${TEST_NGINX_SLEEP:-0.2}
 export TEST_NGINX_TIMEOUT=${TEST_NGINX_TIMEOUT:-30}
 
 rc=0

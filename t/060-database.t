@@ -56,9 +56,9 @@ _EOC_
     AQ::lock_items();
     my ($a, $b, $c) = map { AQ::Client->new(port => $ngx->port, timeout => 15) } 1 .. 3;
     $a->send_request(body => qq({"queue_id":"$q"}), key => key_of('sat-a'));
-    Time::HiRes::sleep(0.3);    # a's claim holds the connection
+    Time::HiRes::sleep(0.3 * AQ::slow());    # a's claim holds the connection
     $b->send_request(body => qq({"queue_id":"$q"}), key => key_of('sat-b'));
-    Time::HiRes::sleep(0.3);    # b waits for it: the waiting list is full
+    Time::HiRes::sleep(0.3 * AQ::slow());    # b waits for it: the waiting list is full
 
     my $t0 = Time::HiRes::time();
     my ($status, $h, $body) = $c->claim($q, key_of('sat-c'));
@@ -101,13 +101,13 @@ _EOC_
     AQ::lock_items();
     my ($a, $b, $c) = map { AQ::Client->new(port => $ngx->port, timeout => 15) } 1 .. 3;
     $a->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-a'));
-    Time::HiRes::sleep(0.2);
+    Time::HiRes::sleep(0.2 * AQ::slow());
     $b->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-b'));
-    Time::HiRes::sleep(0.2);
+    Time::HiRes::sleep(0.2 * AQ::slow());
     $a->disconnect;    # its claim is running
     $b->disconnect;    # it waits for the connection
     $c->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-c'));
-    Time::HiRes::sleep(0.3);
+    Time::HiRes::sleep(0.3 * AQ::slow());
     AQ::unlock_items();
 
     my $rc = $c->read_response;

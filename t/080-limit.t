@@ -6,7 +6,8 @@
 # leaky bucket of burst + 1 (limit_req's semantics), so burst + 1 requests
 # pass at once, then 429 rate_limited with Retry-After, RateLimit-Policy
 # and RateLimit.  The rate here is 6r/m (a request leaks every 10 s), slow
-# enough that nothing leaks while a block runs.
+# enough that nothing leaks while a block runs; AQ::slow() times slower
+# under valgrind, down to 1r/m, the slowest rate a zone has.
 #
 # The standalone parts (before run_tests) need what Test::Nginx cannot do:
 # thousands of requests on kept-alive connections, two workers and parallel
@@ -30,6 +31,16 @@ for my $name (qw(burst two forged nested endpoints)) {
     AQ::Workflow::enqueue($q{$name}, "$name-$_") for 1 .. 3;
 }
 our $unknown_item = AQ::random_uuid();
+
+# The zones' rate in requests per minute (6, or 1 under valgrind), and what
+# the module derives from it: its rate in 1/1000 of a request per second,
+# the seconds a bucket of burst=3 takes to drain (RateLimit-Policy's w) and
+# the longest Retry-After (one request to leak).
+our $PER_MIN = int(6 / AQ::slow()) || 1;
+our $RATE    = "${PER_MIN}r/m";
+my $milli    = int($PER_MIN * 1000 / 60);
+our $WINDOW  = int((int(4 * 1000 * 1000 / $milli) + 999) / 1000);
+our $RETRY   = '(?:' . join('|', 1 .. int((int(1000 * 1000 / $milli) + 999) / 1000)) . ')';
 
 # Well-formed keys (valid checksum) that the database does not know.
 sub forged { return map { AQ::well_formed_key() } 1 .. $_[0] }
@@ -57,7 +68,7 @@ sub error_code_of {
     my $empty = AQ::Workflow::queue($org, 'small-empty');
     my $spent = AQ::Workflow::key($org, 'spent');
     my $ngx = AQ::start_nginx(workers => 1,
-        http     => 'annotation_queue_limit_zone zone=tiny:32k rate=6r/m;',
+        http     => "annotation_queue_limit_zone zone=tiny:32k rate=$RATE;",
         location => 'annotation_queue_limit zone=tiny burst=1;');
     my $c = AQ::Client->new(port => $ngx->port);
 
@@ -97,7 +108,7 @@ sub error_code_of {
     AQ::Workflow::enqueue($queue, 'workers-1');
     my $key = AQ::Workflow::key($org, 'workers');
     my $ngx = AQ::start_nginx(workers => 2,
-        http     => 'annotation_queue_limit_zone zone=shared:1m rate=6r/m;',
+        http     => "annotation_queue_limit_zone zone=shared:1m rate=$RATE;",
         location => "annotation_queue_limit zone=shared burst=9;\n"
                   . '            add_header X-Worker $pid always;');
 
@@ -149,9 +160,9 @@ sub error_code_of {
     isnt($rc, 0, 'nginx -t: a negative burst fails');
 }
 
-$AQ::HTTP_CONFIG = <<'_EOC_';
-    annotation_queue_database "$TEST_NGINX_AQ_DSN";
-    annotation_queue_limit_zone zone=raters:1m rate=6r/m;
+$AQ::HTTP_CONFIG = <<"_EOC_";
+    annotation_queue_database "\$TEST_NGINX_AQ_DSN";
+    annotation_queue_limit_zone zone=raters:1m rate=$RATE;
 _EOC_
 
 $AQ::CONFIG = <<'_EOC_';
@@ -171,7 +182,7 @@ $AQ::CONFIG = <<'_EOC_';
     }
 _EOC_
 
-our $POLICY = 'RateLimit-Policy: "raters";q=4;w=40';
+our $POLICY = qq(RateLimit-Policy: "raters";q=4;w=$WINDOW);
 sub left { return qq(RateLimit: "raters";r=$_[0];t=\\d+) }
 
 AQ::default_blocks();
@@ -193,8 +204,8 @@ AQ::headers($::k{burst})
  "$::POLICY\n" . ::left(2),
  "$::POLICY\n" . ::left(1),
  "$::POLICY\n" . ::left(0),
- "$::POLICY\n" . ::left(0) . "\nRetry-After: (?:[1-9]|10)",
- "$::POLICY\n" . ::left(0) . "\nRetry-After: (?:[1-9]|10)"]
+ "$::POLICY\n" . ::left(0) . "\nRetry-After: $::RETRY",
+ "$::POLICY\n" . ::left(0) . "\nRetry-After: $::RETRY"]
 --- response_body_filters eval
 [([\&AQ::brief]) x 4, [\&AQ::canon], [\&AQ::canon]]
 --- response_body eval

@@ -89,8 +89,8 @@ sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $
     # (PostgreSQL does not notice a closed client while it waits on a lock)
     my $gone = AQ::Faults::wait_until(1.5, sub { AQ::Faults::backends(state => 'active') == 0 });
     my $after = time - $answered;
-    ok($gone, "$what: the server ended the statement too: within 1.5 s of the 504, with the "
-              . 'lock still held, no statement of nginx is active')
+    ok($gone, "$what: the server ended the statement too: within " . 1.5 * AQ::slow()
+              . ' s of the 504, with the lock still held, no statement of nginx is active')
         or diag explain AQ::Faults::backend_rows();
     note sprintf '%s: no active statement %.3f s after the 504', $what, $after;
 

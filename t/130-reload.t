@@ -240,12 +240,20 @@ AQ::Faults::install_gate();
     my $q = AQ::queue($org, 'reload-in-flight');
     AQ::enqueue_many($q, 20);
     my @k = @{ AQ::keys_for($org, 10) };
-    my $n2 = AQ::start_nginx(workers => $WORKERS, http => <<'_EOC_');
+    # the claims wait at the gate while nginx reloads, which takes seconds
+    # under valgrind (nginx -s reload runs under it too): their query
+    # timeout must stay far away
+    my $query_timeout = 10 * AQ::slow();
+    my $n2 = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_");
     annotation_queue_pool_size 1;
     annotation_queue_connect_timeout 2s;
-    annotation_queue_query_timeout 10s;
+    annotation_queue_query_timeout ${query_timeout}s;
 _EOC_
-    my $old = AQ::Faults::worker_pids($n2);
+    # nginx listens before its master forks the workers (under valgrind,
+    # seconds before): wait for them, or one would count as a new worker
+    my $old = AQ::Faults::wait_until(5, sub {
+        my $w = AQ::Faults::worker_pids($n2);
+        @$w == $WORKERS ? $w : undef }) || [];
     my $gate = AQ::Faults::close_gate(AQ::Faults::session());
     my @c;
     for my $key (@k[0 .. 7]) {

@@ -61,6 +61,17 @@ if (my $base = $ENV{AQ_TEST_SERVROOT_BASE}) {
 }
 $ENV{TEST_NGINX_SERVER_PORT} ||= free_port();
 
+# How many times slower than usual nginx runs: 10 under valgrind
+# (TEST_NGINX_USE_VALGRIND, scripts/test-valgrind.sh), 1 otherwise;
+# AQ_TEST_SLOW=<factor> overrides both.  Suites multiply by it what they
+# wait for nginx to do (client timeouts, deadlines) and divide by it the
+# rates they expect nginx to keep up with; at 1, nothing changes.
+sub slow {
+    my $f = $ENV{AQ_TEST_SLOW};
+    return $f if defined $f && $f =~ /^\d+(?:\.\d+)?$/ && $f >= 1;
+    return $ENV{TEST_NGINX_USE_VALGRIND} ? 10 : 1;
+}
+
 # ---------------------------------------------------------------------------
 # PostgreSQL: the cluster, then this suite's database.
 
@@ -726,7 +737,7 @@ sub start_nginx {
     my $ngx = bless { pid => $pid, prefix => $prefix, port => $port }, 'AQ::Nginx';
     push @nginxes, $ngx;
 
-    my $deadline = Time::HiRes::time() + 10;
+    my $deadline = Time::HiRes::time() + 10 * slow();
     while (1) {
         my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
                                       Proto => 'tcp');
@@ -745,12 +756,13 @@ sub start_nginx {
     return $ngx;
 }
 
-# QUIT (graceful), then KILL after 10 s.
+# QUIT (graceful), then KILL after 10 s (times AQ::slow(): under valgrind,
+# each process checks for leaks as it exits).
 sub stop_nginx {
     my ($ngx) = @_;
     my $pid = $ngx->{pid} or return;
     kill 'QUIT', $pid;
-    my $deadline = Time::HiRes::time() + 10;
+    my $deadline = Time::HiRes::time() + 10 * slow();
     while (waitpid($pid, POSIX::WNOHANG()) == 0) {
         if (Time::HiRes::time() > $deadline) {
             kill 'KILL', $pid;
@@ -771,7 +783,8 @@ sub slurp {
 
 # Runs $code->($i) in $n forked processes that start together; returns the
 # values they returned (JSON-serialisable), in order.  A child that dies
-# returns { died => message }.
+# returns { died => message }; one still running after timeout seconds
+# (120, times AQ::slow()) is killed.
 sub parallel {
     my ($n, $code, %o) = @_;
     my $dir = tempdir('aq-par-XXXXXX', TMPDIR => 1, CLEANUP => 1);
@@ -795,7 +808,7 @@ sub parallel {
     }
     close $go_r;
     close $go_w;    # all children start
-    my $deadline = Time::HiRes::time() + ($o{timeout} // 120);
+    my $deadline = Time::HiRes::time() + ($o{timeout} // 120) * slow();
     my %left = map { $_ => 1 } @pids;
     while (%left) {
         for my $pid (keys %left) {
@@ -829,7 +842,8 @@ sub error_log { AQ::slurp("$_[0]{prefix}/logs/error.log") }
 sub stop      { AQ::stop_nginx($_[0]) }
 
 # ---------------------------------------------------------------------------
-# An HTTP/1.1 keep-alive client.  A request is never retried.
+# An HTTP/1.1 keep-alive client.  A request is never retried; one whose
+# answer takes longer than timeout seconds (10, times AQ::slow()) fails.
 
 package AQ::Client;
 
@@ -842,7 +856,7 @@ use Time::HiRes ();
 sub new {
     my ($class, %o) = @_;
     $SIG{PIPE} = 'IGNORE';
-    return bless { port => $o{port}, timeout => $o{timeout} // 10,
+    return bless { port => $o{port}, timeout => ($o{timeout} // 10) * AQ::slow(),
                    sock => undef, buf => '' }, $class;
 }
 

@@ -191,11 +191,12 @@ sub backend_rows {
            ORDER BY pid});
 }
 
-# Polls $cond every 50 ms until it is true or $timeout seconds passed;
-# returns its last value.
+# Polls $cond every 50 ms until it is true or $timeout seconds (times
+# AQ::slow(): what nginx has to bring about takes longer under valgrind)
+# passed; returns its last value.
 sub wait_until {
     my ($timeout, $cond) = @_;
-    my $deadline = Time::HiRes::time() + $timeout;
+    my $deadline = Time::HiRes::time() + $timeout * AQ::slow();
     while (1) {
         my $v = $cond->();
         return $v if $v || Time::HiRes::time() > $deadline;
@@ -355,7 +356,7 @@ sub stop {
     my ($self, %o) = @_;
     open my $fh, '>', "$self->{dir}/stop" or die $!;
     close $fh;
-    my $deadline = Time::HiRes::time() + ($o{timeout} // 60);
+    my $deadline = Time::HiRes::time() + ($o{timeout} // 60) * AQ::slow();
     my %left = map { $_ => 1 } grep { !$self->{done}{$_} } @{ $self->{pids} };
     while (%left) {
         for my $pid (keys %left) {
