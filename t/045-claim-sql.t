@@ -18,7 +18,7 @@ use lib 't/lib';
 use AQ;
 use Test::More;
 
-my $sql = `$^X bench/claim-sql.pl src/ngx_aq_sql.h NGX_AQ_CLAIM_BATCH_SQL`;
+my $sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_BATCH_SQL`;
 is($?, 0, 'the batch statement is read from src/ngx_aq_sql.h') or BAIL_OUT('no SQL');
 
 my $dbh = AQ::dbh();
@@ -130,7 +130,7 @@ $dbh->do(q{INSERT INTO annotation_queue.items (queue_id, payload)
            SELECT ?, jsonb_build_object('n', g) FROM generate_series(1, 50000) AS g},
          undef, $plan_q);
 $dbh->do('VACUUM ANALYZE annotation_queue.items');
-my $single = `$^X bench/claim-sql.pl src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL`;
+my $single = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL`;
 $dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single");
 $dbh->do("PREPARE plan_batch (text[], uuid, int8) AS $sql");
 my $digests = '{' . join(',', map { digest($key{$_}) } qw(k1 k2)) . '}';
