@@ -74,51 +74,16 @@ else
 fi
 [[ " $SIZES " == *" $DIRTY "* ]] || { echo "bench: BENCH_FLAT_DIRTY_SIZE $DIRTY is not among the sizes" >&2; exit 2; }
 
-log() { printf '%s\n' "bench: $*" >&2; }
-die() { log "$*"; exit 1; }
+. "$top/bench/lib.sh"
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }
 
 # --- what the bench needs ----------------------------------------------------
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-[ -x "$PGBIN/pgbench" ] || need+=(postgresql-15 postgresql-contrib)
-command -v curl >/dev/null || need+=(curl)
-if [ ${#need[@]} -gt 0 ]; then
-    [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}: install them (as root)"
-    log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${need[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends "${need[@]}" >/dev/null
-    }
-fi
-PGBENCH=$PGBIN/pgbench
-[ -f "$MODULE" ] || die "no module at $MODULE: run make first"
+bench_needs
 
 # --- work directory, PostgreSQL, cleanup -----------------------------------
 
-work=$(mktemp -d /tmp/aq-bench-flat.XXXXXX)
-chmod 755 "$work"
-nginx_pid=
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [ -n "$nginx_pid" ]; then
-        kill -QUIT "$nginx_pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$nginx_pid" 2>/dev/null || break; sleep 0.1; done
-    fi
-    "$top/scripts/pg.sh" stop "$work/pg" || true
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $work"
-    else
-        rm -rf "$work"
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir aq-bench-flat
 
 commit=$(git -C "$top" describe --always --dirty 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -211,58 +176,11 @@ table_size=$(psql_ -c "SELECT pg_size_pretty(pg_total_relation_size('annotation_
 log "VACUUM (ANALYZE) in $(elapsed "$t1") s; data loaded in $(elapsed "$t0") s; items table with its indexes: $table_size"
 
 # the statement, extracted from the header now: for PREPARE and for pgbench
-"$top/bench/claim-sql.pl" "$top/src/ngx_aq_sql.h" > "$work/claim.sql"
-{
-    echo '\set k :client_id + :nclients * :n + 1'
-    echo '\set n :n + 1'
-    "$top/bench/claim-sql.pl" --pgbench "$top/src/ngx_aq_sql.h"
-} > "$work/claim.pgbench"
+bench_statements
 
 # --- nginx -------------------------------------------------------------------
 
-port=$(perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen => 1, LocalAddr => "127.0.0.1", LocalPort => 0)->sockport')
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-conf_dsn=${dsn//\\/\\\\}
-conf_dsn=${conf_dsn//\"/\\\"}
-cat > "$work/nginx/nginx.conf" <<CONF
-load_module $MODULE;
-
-worker_processes $WORKERS;
-error_log logs/error.log notice;
-pid logs/nginx.pid;
-
-events {
-    worker_connections 4096;
-}
-
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-
-    annotation_queue_database "$conf_dsn";
-    annotation_queue_pool_size $POOL;
-
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-
-        location = /api/v1/annotations/queue {
-            annotation_queue_claim;
-        }
-    }
-}
-CONF
-"$NGINX" -q -t -p "$work/nginx" -c nginx.conf
-"$NGINX" -p "$work/nginx" -c nginx.conf
-for _ in $(seq 50); do [ -s "$work/nginx/logs/nginx.pid" ] && break; sleep 0.1; done
-nginx_pid=$(cat "$work/nginx/logs/nginx.pid")
-url=http://127.0.0.1:$port/api/v1/annotations/queue
-errlog=$work/nginx/logs/error.log
-log_problems() { grep -cE '\[(error|crit|alert|emerg)\]' "$errlog" || true; }
+bench_start_nginx "$dsn" "$WORKERS" "$POOL"
 
 key1=$(sed -n 1p "$work/keys.txt")
 answer=$(curl -s -w ' HTTP %{http_code}' -X POST "$url" \
@@ -379,11 +297,6 @@ run_pgbench() {   # queue clients seconds
         "$(( ${failed:-0} + aborted ))" "$claimed" "$exp" "$detail"
 }
 
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1}
-        END {if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
-}
-sum() { printf '%s\n' "$@" | awk '{s += $1} END {print s + 0}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0) ? (a / b) : 0}'; }
 
 # --- EXPLAIN (ANALYZE, BUFFERS) of claims ------------------------------------

@@ -51,53 +51,15 @@ THREADS=2                  # wrk -t and pgbench -j
 PREF=${BENCH_POOL_REFERENCE_REPEAT:-1}
 LEASE_MS=900000            # $3 of the claim; the bench queue has its own 15 min
 
-log() { printf '%s\n' "bench: $*" >&2; }
-die() { log "$*"; exit 1; }
+. "$top/bench/lib.sh"
 
 # --- what the bench needs ----------------------------------------------------
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-[ -x "$PGBIN/pgbench" ] || need+=(postgresql-15 postgresql-contrib)
-command -v curl >/dev/null || need+=(curl)
-if [ "${BENCH_PERF:-0}" = 1 ] && ! command -v perf >/dev/null; then
-    need+=(linux-perf)
-fi
-if [ ${#need[@]} -gt 0 ]; then
-    [ "$(id -u)" -eq 0 ] || die "missing ${need[*]}: install them (as root)"
-    log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${need[@]}" >/dev/null 2>&1 || {
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            --no-install-recommends "${need[@]}" >/dev/null
-    }
-fi
-PGBENCH=$PGBIN/pgbench
-[ -f "$MODULE" ] || die "no module at $MODULE: run make first"
+bench_needs "$([ "${BENCH_PERF:-0}" = 1 ] && echo perf || true)"
 
 # --- work directory, PostgreSQL, cleanup -----------------------------------
 
-work=$(mktemp -d /tmp/aq-bench.XXXXXX)
-chmod 755 "$work"
-nginx_pid=
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [ -n "$nginx_pid" ]; then
-        kill -QUIT "$nginx_pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$nginx_pid" 2>/dev/null || break; sleep 0.1; done
-    fi
-    "$top/scripts/pg.sh" stop "$work/pg" || true
-    if [ "${BENCH_KEEP:-0}" = 1 ]; then
-        log "kept $work"
-    else
-        rm -rf "$work"
-    fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir aq-bench
 
 maxconn=0
 for c in $LEVELS; do [ "$c" -gt "$maxconn" ] && maxconn=$c; done
@@ -154,57 +116,11 @@ psql_ -c "\\copy (SELECT key FROM bench.keys ORDER BY i) TO '$work/keys.txt'"
 log "loaded $ITEMS items and $KEYS keys in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s"
 
 # the pgbench script: the module's statement, extracted from the header now
-"$top/bench/claim-sql.pl" "$top/src/ngx_aq_sql.h" > "$work/claim.sql"
-{
-    echo '\set k :client_id + :nclients * :n + 1'
-    echo '\set n :n + 1'
-    "$top/bench/claim-sql.pl" --pgbench "$top/src/ngx_aq_sql.h"
-} > "$work/claim.pgbench"
+bench_statements
 
 # --- nginx -------------------------------------------------------------------
 
-port=$(perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen => 1, LocalAddr => "127.0.0.1", LocalPort => 0)->sockport')
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-conf_dsn=${dsn//\\/\\\\}
-conf_dsn=${conf_dsn//\"/\\\"}
-cat > "$work/nginx/nginx.conf" <<CONF
-load_module $MODULE;
-
-worker_processes $WORKERS;
-error_log logs/error.log notice;
-pid logs/nginx.pid;
-
-events {
-    worker_connections 4096;
-}
-
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path tmp/body;
-    proxy_temp_path tmp/proxy;
-    fastcgi_temp_path tmp/fastcgi;
-    uwsgi_temp_path tmp/uwsgi;
-    scgi_temp_path tmp/scgi;
-
-    annotation_queue_database "$conf_dsn";
-    annotation_queue_pool_size $POOL;
-
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-
-        location = /api/v1/annotations/queue {
-            annotation_queue_claim;
-        }
-    }
-}
-CONF
-"$NGINX" -q -t -p "$work/nginx" -c nginx.conf
-"$NGINX" -p "$work/nginx" -c nginx.conf
-for _ in $(seq 50); do [ -s "$work/nginx/logs/nginx.pid" ] && break; sleep 0.1; done
-nginx_pid=$(cat "$work/nginx/logs/nginx.pid")
-url=http://127.0.0.1:$port/api/v1/annotations/queue
-errlog=$work/nginx/logs/error.log
+bench_start_nginx "$dsn" "$WORKERS" "$POOL"
 
 workers() { ps -o pid= --ppid "$nginx_pid" | tr -d ' '; }
 rss() {   # [field] VmRSS (default) or RssAnon of each worker, kB, "a+b"
@@ -251,7 +167,6 @@ cpu_per_claim() {   # snap0 snap1 claims -> nginx_us pg_us driver_us others_pct
                drv * 1e6 / hz / n, others
     }'
 }
-log_problems() { grep -cE '\[(error|crit|alert|emerg)\]' "$errlog" || true; }
 
 # --- one claim by hand, to see that it works --------------------------------
 
@@ -368,11 +283,6 @@ run_pgbench() {   # clients seconds
         "$(cpu_per_claim "$s0" "$s1" "$tx")" "$detail"
 }
 
-median() {
-    printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1}
-        END {if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'
-}
-sum() { printf '%s\n' "$@" | awk '{s += $1} END {print s + 0}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", (b > 0) ? (a / b) : 0}'; }
 
 # --- the levels ------------------------------------------------------------
