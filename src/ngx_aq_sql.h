@@ -18,10 +18,11 @@
  *
  * k      the live key (unknown, revoked and expired keys give no row);
  * q      the queue, if it belongs to the key's organisation;
- * mine   the item this key holds in the queue, live or expired: one probe
- *        of the unique items_holder_idx (a key holds at most one item per
- *        queue; two claims of one key racing make the second fail with
- *        unique_violation, and the pool runs it again, which then resumes);
+ * mine   the item this key holds in the queue, live or expired: at most
+ *        one row, one probe of the unique items_holder_idx (a key holds at
+ *        most one item per queue; two claims of one key racing make the
+ *        second fail with unique_violation, and the pool runs it again,
+ *        which then resumes);
  *        items_expiry_idx's predicate asks for a lease, which neither mine
  *        nor mine_expired states as such (coalesce), so that the planner
  *        cannot take that index for them: when the table's statistics say
@@ -80,8 +81,6 @@
     "    SELECT * "                                                           \
     "      FROM mine "                                                        \
     "     WHERE lease_expires_at > now() "                                    \
-    "     ORDER BY claimed_at "                                               \
-    "     LIMIT 1 "                                                           \
     "), mine_expired AS MATERIALIZED ( "                                      \
     "    SELECT i.id, i.version "                                             \
     "      FROM annotation_queue.items i "                                    \
