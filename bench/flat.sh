@@ -145,17 +145,8 @@ SQL
     log "queue of $s items loaded (${QID[$s]}), $(elapsed "$t0") s so far"
 done
 t1=$(date +%s.%N)
-psql_ -v org="$org" -v keys="$KEYS" <<'SQL'
-CREATE SCHEMA bench;
-CREATE TABLE bench.keys (
-    i       integer PRIMARY KEY,
-    key     text    NOT NULL,
-    digest  bytea   NOT NULL
-);
-INSERT INTO bench.keys (i, key, digest)
-SELECT g, k, annotation_queue.key_hash(k)
-  FROM (SELECT g, annotation_queue.create_api_key(:'org', 'rater ' || g) AS k
-          FROM generate_series(1, :keys) AS g) AS s;
+bench_keys "$org" "$KEYS"
+psql_ <<'SQL'
 -- the items the dirty state sets up, by kind (expired_low, expired_same, live)
 CREATE TABLE bench.dirty (
     id      uuid    PRIMARY KEY,

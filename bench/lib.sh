@@ -4,6 +4,8 @@
 #   bench_needs [perf]            install wrk, pgbench, curl (and perf)
 #   bench_workdir NAME            $work, and a cleanup on exit that stops
 #                                 nginx ($nginx_pid) and PostgreSQL
+#   bench_keys ORG N              bench.keys: N keys of ORG, by index i, the
+#                                 plaintext (for wrk) and the digest (pgbench)
 #   bench_statements              $work/claim.sql and $work/claim.pgbench
 #   bench_start_nginx DSN WORKERS POOL
 #                                 $nginx_pid, $url, $errlog
@@ -63,6 +65,21 @@ bench_workdir() {
     nginx_pid=
     trap bench_cleanup EXIT
     trap 'exit 130' INT TERM
+}
+
+bench_keys() {   # org n (psql_ of the caller)
+    psql_ -v org="$1" -v keys="$2" <<'SQL'
+CREATE SCHEMA bench;
+CREATE TABLE bench.keys (
+    i       integer PRIMARY KEY,
+    key     text    NOT NULL,
+    digest  bytea   NOT NULL
+);
+INSERT INTO bench.keys (i, key, digest)
+SELECT g, k, annotation_queue.key_hash(k)
+  FROM (SELECT g, annotation_queue.create_api_key(:'org', 'rater ' || g) AS k
+          FROM generate_series(1, :keys) AS g) AS s;
+SQL
 }
 
 # the module's statement, extracted from the header now: as it is (for

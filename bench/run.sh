@@ -86,7 +86,7 @@ WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
 SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
 SQL
 )
-psql_ -v org="$org" -v queue="$queue" -v items="$ITEMS" -v keys="$KEYS" <<'SQL'
+psql_ -v queue="$queue" -v items="$ITEMS" <<'SQL'
 INSERT INTO annotation_queue.items (queue_id, payload)
 SELECT :'queue',
        jsonb_build_object('prompt', 'Rate the answer to question #' || g,
@@ -94,18 +94,9 @@ SELECT :'queue',
                                     || md5(g::text),
                           'model', 'bench-model')
   FROM generate_series(1, :items) AS g;
-
-CREATE SCHEMA bench;
-CREATE TABLE bench.keys (
-    i       integer PRIMARY KEY,
-    key     text    NOT NULL,
-    digest  bytea   NOT NULL
-);
-INSERT INTO bench.keys (i, key, digest)
-SELECT g, k, annotation_queue.key_hash(k)
-  FROM (SELECT g, annotation_queue.create_api_key(:'org', 'rater ' || g) AS k
-          FROM generate_series(1, :keys) AS g) AS s;
-
+SQL
+bench_keys "$org" "$KEYS"
+psql_ <<'SQL'
 VACUUM (FREEZE, ANALYZE) annotation_queue.items;
 VACUUM (FREEZE, ANALYZE) annotation_queue.api_keys;
 VACUUM (FREEZE, ANALYZE) bench.keys;
