@@ -3,6 +3,10 @@
 #   make          build build/ngx_http_annotation_queue_module.so
 #   make run      PostgreSQL + demo data + nginx on 127.0.0.1:8080
 #   make test     install what is missing, build, run the Test::Nginx suites
+#   make test-mutants      deliberate faults in the module, each must fail a
+#                          suite (scripts/mutants.sh; lists: src/*.mutants)
+#   make coverage          line and branch coverage of the suites (gcov)
+#   make test-exclusivity  the full exclusivity check under load
 #   make clean
 
 SHELL        := /bin/bash
@@ -16,7 +20,7 @@ LD_OPT       ?= -Wl,-z,relro -Wl,-z,now -fPIC
 SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
-.PHONY: all deps run test clean
+.PHONY: all deps run test clean test-mutants coverage test-exclusivity
 
 all: $(MODULE)
 
@@ -44,6 +48,15 @@ run: deps $(MODULE)
 
 test: deps $(MODULE)
 	@scripts/test.sh
+
+test-mutants: deps
+	@scripts/mutants.sh
+
+coverage: deps
+	@scripts/coverage.sh
+
+test-exclusivity: deps $(MODULE)
+	@scripts/exclusivity.sh
 
 clean:
 	rm -rf $(BUILD)
