@@ -18,28 +18,31 @@ use Time::HiRes ();
 my $org = AQ::org('concurrency');
 
 # Runs $clients clients against $ngx until the queue is empty; returns the
-# results of the clients: { claims => [[id, version, claimed_at]...],
-# empty_at => time of the 409, errors => [...], connects => n }.  Each
-# client has $keys_per_client keys (five times its even share: batching and
-# a busy machine make the shares uneven), times AQ::slow(): under valgrind on a
-# busy machine the clients' shares of the items are far from even (a
-# worker starved of CPU serves its clients seldom, the other's clients
-# claim more than twice their share).
+# results of the clients: { claims => [[key, id, version, claimed_at]...],
+# empty_at => time of the 409, errors => [...], connects => n }.  The clients
+# draw fresh keys from one shared pool holding a key for every item, one for
+# each client's 409, and as many again to spare: however uneven the clients'
+# shares of the items (batching, a worker starved of CPU), none runs out
+# while the queue has items.
 sub drain {
-    my ($ngx, $queue, $clients, $keys_per_client) = @_;
-    $keys_per_client *= AQ::slow();
-    my $keys = AQ::keys_for($org, $clients * $keys_per_client);
+    my ($ngx, $queue, $items, $clients) = @_;
+    my $pool = AQ::key_pool($org, $items + 2 * $clients);
     return AQ::parallel($clients, sub {
         my ($i) = @_;
         my $c = AQ::Client->new(port => $ngx->port, timeout => 20);
         my %r = (claims => [], errors => [], connects => 0);
-        for my $key (@$keys[$i * $keys_per_client .. ($i + 1) * $keys_per_client - 1]) {
+        while (1) {
+            my $key = $pool->take;
+            if (!defined $key) {
+                $r{out_of_keys} = 1;
+                last;
+            }
             $r{connects}++ unless $c->connected;
             my ($status, $h, $body, $err) = $c->claim($queue, $key);
             my $doc = eval { JSON::PP->new->utf8->decode($body) };
             if ($status == 200 && $doc && $doc->{success} && ref $doc->{item}) {
                 my $it = $doc->{item};
-                push @{ $r{claims} }, [$it->{id}, $it->{version}, $it->{claimed_at}];
+                push @{ $r{claims} }, [$key, $it->{id}, $it->{version}, $it->{claimed_at}];
             } elsif ($status == 409 && $doc && ($doc->{error}{code} // '') eq 'no_items_available') {
                 $r{empty_at} = Time::HiRes::time();
                 last;
@@ -48,14 +51,13 @@ sub drain {
                 last if @{ $r{errors} } >= 3;
             }
         }
-        $r{out_of_keys} = 1 unless defined $r{empty_at} || @{ $r{errors} };
         return \%r;
     });
 }
 
 # Checks what drain() returned against the queue.
 sub check_drain {
-    my ($what, $queue, $items, $results) = @_;
+    my ($what, $queue, $items, $results, %o) = @_;
 
     my @errors = map { @{ $_->{errors} || [] }, ($_->{died} ? "died: $_->{died}" : ()) }
                  @$results;
@@ -64,11 +66,22 @@ sub check_drain {
 
     my @claims = map { @{ $_->{claims} || [] } } @$results;
     my %seen;
-    $seen{ $_->[0] }++ for @claims;
+    $seen{ $_->[1] }++ for @claims;
     my @twice = grep { $seen{$_} > 1 } keys %seen;
     is(scalar @claims, $items, "$what: $items claims answered 200");
     is_deeply(\@twice, [], "$what: no item was handed out twice");
-    is(scalar(grep { ($_->[1] // '') ne '1' } @claims), 0, "$what: every claim has version 1");
+    is(scalar(grep { ($_->[2] // '') ne '1' } @claims), 0, "$what: every claim has version 1");
+
+    # Each answer joined with the database: the item is held by the very key
+    # it was answered to, at that version; no item twice, across clients or
+    # within one.
+    my @answers;
+    for my $i (0 .. $#$results) {
+        push @answers, map { [$_->[0], $_->[1], $_->[2], $i] } @{ $results->[$i]{claims} || [] };
+    }
+    my @problems = AQ::claim_answer_problems($queue, \@answers);
+    is_deeply(\@problems, [], "$what: each answer names an item its own key holds, at that version")
+        or diag explain [@problems[0 .. ($#problems < 9 ? $#problems : 9)]];
 
     my $ids = AQ::dbh()->selectcol_arrayref(
         'SELECT id FROM annotation_queue.items WHERE queue_id = ?', undef, $queue);
@@ -96,6 +109,15 @@ sub check_drain {
     my $out = grep { $_->{out_of_keys} } @$results;
     is($out, 0, "$what: every client ran until its 409 (none ran out of keys)");
 
+    # Batching really happened: the claims of one batch share one commit,
+    # and so one claimed_at (now() is the transaction's start).
+    my ($batched) = AQ::dbh()->selectrow_array(
+        q{SELECT count(*) FROM (SELECT claimed_at FROM annotation_queue.items
+                                 WHERE queue_id = ? GROUP BY claimed_at
+                                HAVING count(*) > 1) AS t}, undef, $queue);
+    cmp_ok($batched, '>', 0, "$what: some claims were batched (one commit for several)")
+        if $o{batched};
+
     my @reconnected = grep { ($_->{connects} // 0) != 1 } @$results;
     is(scalar @reconnected, 0, "$what: each client kept one connection alive throughout")
         or diag explain [map { $_->{connects} } @reconnected];
@@ -113,7 +135,7 @@ sub check_log {
     AQ::enqueue_many($queue, 2000);
     my $ngx = AQ::start_nginx(workers => 2);
     my $t0 = Time::HiRes::time();
-    my $results = drain($ngx, $queue, 40, 250);
+    my $results = drain($ngx, $queue, 2000, 40);
     my $elapsed = Time::HiRes::time() - $t0;
     note sprintf '%s: 2000 claims in %.2f s (%.0f/s)', $what, $elapsed, 2000 / $elapsed;
     check_drain($what, $queue, 2000, $results);
@@ -135,8 +157,8 @@ sub check_log {
     annotation_queue_pool_size 2;
     annotation_queue_max_waiting 128;
 _EOC_
-    my $results = drain($ngx, $queue, 64, 60);
-    check_drain($what, $queue, 640, $results);
+    my $results = drain($ngx, $queue, 640, 64);
+    check_drain($what, $queue, 640, $results, batched => 1);
     $ngx->stop;
     check_log($what, $ngx);
 }

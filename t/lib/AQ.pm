@@ -832,6 +832,115 @@ sub parallel {
     return \@res;
 }
 
+# A pool of keys that forked clients draw from (AQ::parallel): each take()
+# hands out the next unused key, or undef when all are gone.  Clients whose
+# share of the work is uneven (a worker starved of CPU serves its clients
+# seldom) never run out while keys are left for anyone.
+#
+#   my $pool = AQ::key_pool($org, $items + 2 * $clients);
+#   ... in each client: while (defined(my $key = $pool->take)) { ... }
+sub key_pool {
+    my ($org, $n) = @_;
+    return AQ::KeyPool->new(keys_for($org, $n));
+}
+
+# The problems of a set of claim answers, joined with the database:
+# $answers is a list of [key, item id, version, client]; each item must be
+# held by its key at the version answered, no item may be answered twice
+# (to two clients, or twice to one), no key may hold two items of the queue.
+# Returns a list of problems (empty when all is well).
+sub claim_answer_problems {
+    my ($queue, $answers) = @_;
+    my @p;
+    my (%by_item, %by_key);
+    for my $a (@$answers) {
+        my ($key, $id, $version, $client) = @$a;
+        push @{ $by_item{$id} }, $a;
+        push @{ $by_key{$key} }, $id;
+    }
+    for my $id (sort keys %by_item) {
+        my @a = @{ $by_item{$id} };
+        next if @a == 1;
+        my %clients = map { ($_->[3] // '') => 1 } @a;
+        push @p, sprintf 'item %s answered %d times (%s)', $id, scalar @a,
+                         keys %clients == 1 ? 'within one client'
+                                            : scalar(keys %clients) . ' clients';
+    }
+    for my $key (keys %by_key) {
+        my %ids = map { $_ => 1 } @{ $by_key{$key} };
+        push @p, sprintf 'a key was answered %d different items', scalar keys %ids
+            if keys %ids > 1;
+    }
+    my $rows = dbh()->selectall_hashref(
+        q{SELECT i.id, i.status, i.version, encode(k.key_hash, 'hex') AS holder
+            FROM annotation_queue.items i
+            LEFT JOIN annotation_queue.api_keys k ON k.id = i.claimed_by
+           WHERE i.queue_id = ?}, 'id', undef, $queue);
+    my ($held) = dbh()->selectrow_array(
+        q{SELECT count(*) FROM (SELECT claimed_by FROM annotation_queue.items
+                                 WHERE queue_id = ? AND status = 'claimed'
+                                 GROUP BY claimed_by HAVING count(*) > 1) AS t},
+        undef, $queue);
+    push @p, "$held keys hold more than one item of the queue" if $held;
+    for my $a (@$answers) {
+        my ($key, $id, $version) = @$a;
+        my $row = $rows->{$id};
+        if (!$row) {
+            push @p, "item $id is not an item of the queue";
+            next;
+        }
+        if ($row->{status} ne 'claimed') {
+            push @p, "item $id is $row->{status} in the database";
+            next;
+        }
+        push @p, "item $id is held by another key than the one it was answered to"
+            unless ($row->{holder} // '') eq key_digest_hex($key);
+        push @p, "item $id answered at v$version, v$row->{version} in the database"
+            unless ($version // '') eq $row->{version};
+    }
+    return @p;
+}
+
+# The hex SHA-256 of a key, as api_keys.key_hash holds it.
+sub key_digest_hex { return sha256_hex($_[0]) }
+
+# ---------------------------------------------------------------------------
+
+package AQ::KeyPool;
+
+use Fcntl qw(:flock SEEK_SET);
+
+sub new {
+    my ($class, $keys) = @_;
+    my $dir = File::Temp::tempdir('aq-keys-XXXXXX', TMPDIR => 1, CLEANUP => 1);
+    open my $fh, '>', "$dir/next" or die "AQ::KeyPool: $!";
+    print $fh "0\n";
+    close $fh;
+    return bless { keys => $keys, next => "$dir/next" }, $class;
+}
+
+sub size { scalar @{ $_[0]{keys} } }
+
+sub take {
+    my ($self) = @_;
+    open my $fh, '+<', $self->{next} or die "AQ::KeyPool: $!";
+    flock($fh, LOCK_EX) or die "AQ::KeyPool: flock: $!";
+    my $i = <$fh>;
+    chomp $i;
+    seek($fh, 0, SEEK_SET);
+    print $fh $i + 1, "\n";
+    close $fh;    # unlocks
+    return $i < @{ $self->{keys} } ? $self->{keys}[$i] : undef;
+}
+
+# How many keys were handed out (in the parent, after the clients).
+sub taken {
+    my ($self) = @_;
+    my $n = AQ::slurp($self->{next});
+    chomp $n;
+    return $n > @{ $self->{keys} } ? scalar @{ $self->{keys} } : $n;
+}
+
 # ---------------------------------------------------------------------------
 
 package AQ::Nginx;
