@@ -6,8 +6,11 @@
 # claimable.  Like Jepsen's total-queue: every item is delivered once, lost,
 # or duplicated, and only the first is allowed.
 #
-#   perl -I t/lib t/manual/exclusivity.pl                     # 100,000 items, 64 clients
+#   make test-exclusivity                                     # 100,000 items, 64 clients
+#   perl -I t/lib t/manual/exclusivity.pl                     # the same, built already
 #   AQ_EXCL_ITEMS=5000 perl -I t/lib t/manual/exclusivity.pl  # a quick check
+#
+# make test runs a short form (4,000 items, 32 clients): t/135-exclusivity.t.
 #
 # Environment: AQ_EXCL_ITEMS (100000), AQ_EXCL_CLIENTS (64), AQ_EXCL_WORKERS
 # (2), AQ_EXCL_POOL (8, per worker), AQ_EXCL_DOWN (seconds PostgreSQL stays
