@@ -7,6 +7,7 @@
 #                          suite (scripts/mutants.sh; lists: src/*.mutants)
 #   make coverage          line and branch coverage of the suites (gcov)
 #   make test-exclusivity  the full exclusivity check under load
+#   make test-repeat       make test's suites 20 times beside 2 CPU burners
 #   make clean
 
 SHELL        := /bin/bash
@@ -20,7 +21,8 @@ LD_OPT       ?= -Wl,-z,relro -Wl,-z,now -fPIC
 SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
-.PHONY: all deps run test clean test-mutants coverage test-exclusivity
+.PHONY: all deps run test clean test-mutants coverage test-exclusivity \
+        test-repeat
 
 all: $(MODULE)
 
@@ -57,6 +59,9 @@ coverage: deps
 
 test-exclusivity: deps $(MODULE)
 	@scripts/exclusivity.sh
+
+test-repeat: deps $(MODULE)
+	@scripts/test-repeat.sh
 
 clean:
 	rm -rf $(BUILD)
