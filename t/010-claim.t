@@ -69,12 +69,69 @@ AQ::enqueue_many($q{ka}, 3, prefix => 'ka');
 $q{ka2} = AQ::queue($org, 'keepalive-errors');
 AQ::enqueue_many($q{ka2}, 2, prefix => 'ka2');
 
+# big: a payload of over 5 MB, written in PostgreSQL's own normalised JSON
+# text (keys by length, ", " and ": ", numbers as written, only what must be
+# escaped escaped), so that the text enqueued is the text stored and the
+# answer must hold it byte for byte.
+our $big_unit = "\xc3\x9cn\xc3\xafc\xc3\xb6d\xc3\xa9 \xe2\x9c\x93 "
+              . "\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e \xf0\x9f\x98\x80 "
+              . '\"quoted\" back\\\\slash sl/ash \n newline \t tab \u0001 ';
+our $big_payload = '{"list": ['
+    . join(', ', map { qq({"n": $_, "x": 12345678901234567890.$_, "y": 1.50}) } 1 .. 40_000)
+    . '], "text": "' . ($big_unit x 40_000) . '"}';
+$q{big} = AQ::queue($org, 'big');
+AQ::enqueue($q{big}, 'big', $big_payload);
+
+# The answer to a claim of the big item, checked without decoding 5 MB in
+# Perl: the item's head, then the payload byte for byte as enqueued, then
+# the version and timestamps; and PostgreSQL parses the whole answer and
+# finds in item.payload the stored jsonb.
+sub big_check {
+    my ($raw) = @_;
+    my $row = AQ::item('big');
+    my @out;
+    push @out, length($big_payload) > 5_000_000 ? 'payload enqueued: over 5 MB'
+                                                : 'payload enqueued: only ' . length($big_payload);
+    push @out, $row->{payload_text} eq $big_payload
+               ? 'stored text: as enqueued' : 'stored text: not as enqueued (not normalised?)';
+    my $head = qq({"success":true,"item":{"id":"$row->{id}","queue_id":"$row->{queue_id}","payload":);
+    if (substr($raw, 0, length $head) ne $head) {
+        push @out, 'answer: does not begin with the item, its queue and "payload": '
+                   . substr($raw, 0, 200);
+    } else {
+        my $got = substr($raw, length $head, length $big_payload);
+        if ($got eq $big_payload) {
+            push @out, 'answer: the payload byte for byte as enqueued';
+        } else {
+            my $i = 0;
+            $i++ while $i < length($got) && substr($got, $i, 1) eq substr($big_payload, $i, 1);
+            push @out, "answer: the payload differs from what was enqueued at byte $i of "
+                       . length($big_payload) . ' (' . length($raw) . ' bytes answered)';
+        }
+        my $rest = length($raw) > length($head) + length($big_payload)
+                   ? substr($raw, length($head) + length($big_payload)) : '';
+        push @out, $rest =~ /\A,"version":1,"claimed_at":"[^"]+","lease_expires_at":"[^"]+"\}\}\z/
+                   ? 'answer: then version 1 and the timestamps, and nothing else'
+                   : 'answer: then ' . substr($rest, 0, 200);
+    }
+    my $same = eval {
+        (AQ::dbh()->selectrow_array(
+            q{SELECT (?::jsonb) -> 'item' -> 'payload' = payload
+                FROM annotation_queue.items WHERE id = ?}, undef, $raw, $row->{id}))[0];
+    };
+    push @out, !defined $same ? 'answer: not JSON (PostgreSQL cannot parse it)'
+             : $same          ? 'answer: JSON whose item.payload is the stored jsonb'
+             :                  'answer: item.payload is not the stored jsonb';
+    push @out, "item: $row->{status} v$row->{version}";
+    return join("\n", @out) . "\n";
+}
+
 AQ::default_blocks();
 run_tests();
 
 __DATA__
 
-=== TEST 1: a claim answers 200 with the item: id, queue, payload, version 1, timestamps of its row
+=== TEST 1: a claim answers 200 with the item: id, queue, payload, version 1, timestamps of its row; Cache-Control: no-store
 --- request eval
 AQ::claim_req($::q{shape})
 --- more_headers eval
@@ -82,6 +139,7 @@ AQ::headers(::key_of('shape'))
 --- error_code: 200
 --- response_headers_like
 Content-Type: application/json(;\s*charset=utf-8)?
+Cache-Control: no-store
 --- response_body_filters eval
 \&AQ::canon
 --- response_body
@@ -173,7 +231,7 @@ lease 900s
 
 
 
-=== TEST 6: a key that holds a live claim gets the same item back, same version; the claim is not counted again
+=== TEST 6: a key that holds a live claim gets the same item back, same version; the claim is not counted again; each 200 with Cache-Control: no-store
 --- request eval
 [map { AQ::claim_req($::q{resume}) } 1 .. 3]
 --- more_headers eval
@@ -181,6 +239,8 @@ lease 900s
  AQ::headers(::key_of('resume-b'))]
 --- error_code eval
 [200, 200, 200]
+--- response_headers_like eval
+[("Content-Type: application/json\nCache-Control: no-store") x 3]
 --- response_body_filters eval
 [[\&AQ::brief], [\&AQ::canon],
  [\&AQ::brief, AQ::append(sub { 'attempts ' . AQ::item('resume-1')->{attempts} })]]
@@ -336,6 +396,33 @@ Content-Type: application/json(;\s*charset=utf-8)?
 --- response_body eval
 ["error missing_api_key\n", "item ka2-1 v1\n", "error invalid_api_key\n",
  "error invalid_json\n", "item ka2-1 v1\n"]
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 14: a payload of over 5 MB is claimed and answered byte for byte as enqueued
+--- request eval
+AQ::claim_req($::q{big})
+--- more_headers eval
+AQ::headers(::key_of('big'))
+--- timeout eval
+10 * AQ::slow()
+--- error_code: 200
+--- response_headers_like
+Content-Type: application/json
+Cache-Control: no-store
+--- response_body_filters eval
+\&::big_check
+--- response_body
+payload enqueued: over 5 MB
+stored text: as enqueued
+answer: the payload byte for byte as enqueued
+answer: then version 1 and the timestamps, and nothing else
+answer: JSON whose item.payload is the stored jsonb
+item: claimed v1
 --- no_error_log
 [error]
 [alert]
