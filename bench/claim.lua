@@ -1,9 +1,15 @@
 -- wrk script: POST /api/v1/annotations/queue with a fresh key per request.
 --
--- Environment (set by bench/run.sh):
+-- Environment (set by bench/run.sh, bench/flat.sh, bench/rss.sh):
 --   BENCH_KEYFILE  one key per line (line i = bench.keys.i)
 --   BENCH_QUEUE    the queue id
 --   BENCH_THREADS  wrk's -t (each thread takes its own contiguous slice)
+--   BENCH_IDS      if set, thread N writes "<item id> <version>" of every
+--                  200 it reads to BENCH_IDS.N (bench_check_module in
+--                  bench/lib.sh compares them with the database)
+--   BENCH_KEYS_END what a thread does when its slice runs out: "wrap"
+--                  (default: start again, counted as reused, an invalid
+--                  run) or "stop" (the thread stops: bench/rss.sh)
 --
 -- setup() runs in wrk's main Lua state once per thread, before that
 -- thread's init(); thread:set() puts the slice bounds into the thread's own
@@ -17,6 +23,8 @@
 local keyfile  = os.getenv("BENCH_KEYFILE")
 local queue    = os.getenv("BENCH_QUEUE")
 local nthreads = tonumber(os.getenv("BENCH_THREADS") or "1")
+local idsfile  = os.getenv("BENCH_IDS")
+local keys_end = os.getenv("BENCH_KEYS_END") or "wrap"
 
 -- main state ---------------------------------------------------------------
 
@@ -33,8 +41,9 @@ end
 
 -- globals of the thread state, read by done() through thread:get()
 keys, nkeys, pos, used, reused, first, last = nil, 0, 0, 0, 0, 0, 0
+recorded, unparsed, stopped = 0, 0, 0
 counts = {}
-local body
+local body, ids
 
 function init(args)
    local total = 0
@@ -54,6 +63,10 @@ function init(args)
    used   = 0
    reused = 0
    body   = '{"queue_id":"' .. queue .. '"}'
+   if idsfile then
+      ids = assert(io.open(idsfile .. "." .. tid, "w"))
+      ids:setvbuf("full")   -- flushed by the C library when wrk exits
+   end
    wrk.method = "POST"
    wrk.path   = "/api/v1/annotations/queue"
    wrk.body   = body
@@ -62,6 +75,15 @@ end
 function request()
    pos = pos + 1
    if pos > nkeys then
+      if keys_end == "stop" then
+         -- the request returned now may still be written: without a key
+         -- it is a 401 that touches no item
+         if stopped == 0 then
+            stopped = 1
+            wrk.thread:stop()
+         end
+         return wrk.format(nil, nil, { ["Content-Type"] = "application/json" }, nil)
+      end
       pos = 1
    end
    used = used + 1
@@ -74,14 +96,27 @@ function request()
 end
 
 function response(status, headers, body)
+   if stopped ~= 0 then
+      return   -- the key-less request after the stop, if it is answered
+   end
    counts[status] = (counts[status] or 0) + 1
+   if ids and status == 200 then
+      local id, version = body:match(
+         '^{"success":true,"item":{"id":"([0-9a-f-]+)".-,"version":(%d+),"claimed_at":"')
+      if id then
+         ids:write(id, " ", version, "\n")
+         recorded = recorded + 1
+      else
+         unparsed = unparsed + 1
+      end
+   end
 end
 
 -- main state, after the run ---------------------------------------------
 
 function done(summary, latency, requests)
    local status = {}
-   local reused, used = 0, 0
+   local reused, used, recorded, unparsed, stopped = 0, 0, 0, 0, 0
    for i, t in ipairs(threads) do
       local f, l = t:get("first"), t:get("last")
       local u, r = t:get("used"), t:get("reused")
@@ -89,6 +124,9 @@ function done(summary, latency, requests)
       io.write(string.format("BENCH thread%d_keys %d-%d used=%d\n",
                              i - 1, f or -1, l or -1, u or -1))
       used = used + (u or 0)
+      recorded = recorded + (t:get("recorded") or 0)
+      unparsed = unparsed + (t:get("unparsed") or 0)
+      stopped = stopped + (t:get("stopped") or 0)
       reused = reused + (r or 0)
       for s, n in pairs(c or {}) do
          status[s] = (status[s] or 0) + n
@@ -100,6 +138,9 @@ function done(summary, latency, requests)
    io.write(string.format("BENCH p99_us %d\n", latency:percentile(99)))
    io.write(string.format("BENCH sent %d\n", used))
    io.write(string.format("BENCH reused %d\n", reused))
+   io.write(string.format("BENCH recorded %d\n", recorded))
+   io.write(string.format("BENCH unparsed %d\n", unparsed))
+   io.write(string.format("BENCH stopped_threads %d\n", stopped))
    local e = summary.errors
    io.write(string.format("BENCH socket_errors %d\n",
                           e.connect + e.read + e.write + e.timeout))

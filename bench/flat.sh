@@ -38,6 +38,12 @@
 #   BENCH_KEEP=1         keep the work directory (plans, wrk and pgbench
 #                        outputs, PostgreSQL's log)
 #   MODULE               the module .so (build/ngx_http_annotation_queue_module.so)
+#
+# Every run is checked against the database (bench/lib.sh): an item claimed
+# or answered twice, a key holding two items of a queue, a non-2xx answer (a
+# 409 only once the queue is empty), a socket error or timeout, a reused
+# key, an error-log line, pgbench's transactions not all claims.  The bench
+# finishes, lists every violation and exits 1.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -145,14 +151,9 @@ SQL
     log "queue of $s items loaded (${QID[$s]}), $(elapsed "$t0") s so far"
 done
 t1=$(date +%s.%N)
+# bench.keys, and bench.dirty: the items the dirty state sets up, by kind
+# (expired_low, expired_same, live)
 bench_keys "$org" "$KEYS"
-psql_ <<'SQL'
--- the items the dirty state sets up, by kind (expired_low, expired_same, live)
-CREATE TABLE bench.dirty (
-    id      uuid    PRIMARY KEY,
-    kind    text    NOT NULL
-);
-SQL
 log "$KEYS keys created in $(elapsed "$t1") s"
 t1=$(date +%s.%N)
 psql_ <<'SQL'
@@ -186,19 +187,12 @@ case "$answer" in *'HTTP 200') ;; *) die "the sanity claim failed" ;; esac
 # keep theirs); the items the dirty state left with an expired lease at the
 # head's priority, which the runs claim first, are made expired again (so
 # every run of that state starts with all of them); then VACUUM.
-
-check() {   # -> bench_claimed expired_taken claimed_twice keys_holding_two
-    psql_ -F' ' <<'SQL'
-SELECT count(*),
-       count(*) FILTER (WHERE d.id IS NOT NULL),
-       count(*) FILTER (WHERE i.attempts > 1 AND d.id IS NULL),
-       count(*) - count(DISTINCT i.claimed_by)
-  FROM annotation_queue.items i
-  LEFT JOIN bench.dirty d ON d.id = i.id
- WHERE i.status = 'claimed'
-   AND i.claimed_by IN (SELECT id FROM annotation_queue.api_keys);
-SQL
-}
+#
+# Before the reset, every run (warm-ups included) is checked against the
+# database (bench_check_module, bench_check_pgbench in bench/lib.sh): no
+# item claimed twice (attempts above 1, or 2 for the dirty state's expired
+# items) or answered twice (the item ids wrk recorded), no key holding two
+# items of a queue, no error; a violation fails the bench at the end.
 reset() {
     psql_ <<'SQL' >/dev/null
 UPDATE annotation_queue.items
@@ -221,30 +215,30 @@ dead() { psql_ -F' ' -c "SELECT n_dead_tup, autovacuum_count FROM pg_stat_user_t
 #
 # Each prints one line:
 #   claims_per_s p50_ms p99_ms errors bench_claimed expired_taken detail
+# and checks the run (bench/lib.sh): a violation is logged, counted in the
+# detail (VIOLATIONS=n) and fails the bench at the end.
 
-run_module() {   # queue connections seconds
-    local q=$1 c=$2 d=$3 out l0 l1 t=2
+run_module() {   # queue connections seconds label
+    local q=$1 c=$2 d=$3 label=$4 out l0 t=2 ids
     [ "$c" -ge 2 ] || t=1
-    l0=$(log_problems)
+    ids=$work/ids-$c-$(date +%s%N)
+    l0=$(errlog_lines)
     out=$(BENCH_KEYFILE="$work/keys.txt" BENCH_QUEUE="$q" BENCH_THREADS=$t \
+          BENCH_IDS="$ids" \
           wrk -t "$t" -c "$c" -d "${d}s" --timeout 10s \
               -s "$top/bench/claim.lua" "$url" 2>&1) || { echo "$out" >&2; die "wrk failed"; }
-    sleep 0.3    # claims in flight when wrk stopped
-    l1=$(log_problems)
+    bench_quiesce    # the claims in flight when wrk stopped
     echo "$out" > "$work/wrk-$c-$(date +%s%N).out"
     get() { awk -v k="$1" '$1 == "BENCH" && $2 == k {print $3}' <<<"$out"; }
-    local ok non200 sockerr dur p50 p99 reused claimed exp dupi dupk
+    local ok non200 sockerr dur p50 p99 claimed exp nv
     ok=$(get status_200); non200=$(get non200); sockerr=$(get socket_errors)
-    dur=$(get duration_us); p50=$(get p50_us); p99=$(get p99_us); reused=$(get reused)
-    read -r claimed exp dupi dupk <<<"$(check)"
+    dur=$(get duration_us); p50=$(get p50_us); p99=$(get p99_us)
+    read -r claimed exp _ _ nv <<<"$(bench_check_module "$label" "$q" "$c" "$out" "$ids" "$l0")"
+    rm -f "$ids".*
     local detail="statuses=$(get statuses) dead_after_run=$(dead | cut -d' ' -f1)"
     reset
     detail+=" load=$(cut -d' ' -f1 /proc/loadavg)"
-    [ "$reused" -eq 0 ] || detail+=" KEYS_REUSED=$reused(invalid:raise_BENCH_WRK_KEYS)"
-    [ "$((l1 - l0))" -eq 0 ] || detail+=" ERROR_LOG_LINES=$((l1 - l0))"
-    [ "$ok" -le "$claimed" ] || detail+=" MORE_200s_THAN_CLAIMED_ITEMS=$((ok - claimed))"
-    [ "$dupi" -eq 0 ] || detail+=" CLAIMED_TWICE=$dupi"
-    [ "$dupk" -eq 0 ] || detail+=" KEYS_HOLDING_TWO=$dupk"
+    [ "$nv" -eq 0 ] || detail+=" VIOLATIONS=$nv"
     printf '%s %s %s %s %s %s %s\n' \
         "$(awk -v n="$ok" -v d="$dur" 'BEGIN {printf "%.1f", n * 1000000 / d}')" \
         "$(awk -v v="$p50" 'BEGIN {printf "%.2f", v / 1000}')" \
@@ -261,8 +255,8 @@ pct() {   # p50 p99 of pgbench per-transaction logs (microseconds -> ms)
              printf "%.2f %.2f\n", a[i50] / 1000, a[i99] / 1000}'
 }
 
-run_pgbench() {   # queue clients seconds
-    local q=$1 c=$2 d=$3 out rc=0 prefix
+run_pgbench() {   # queue clients seconds label
+    local q=$1 c=$2 d=$3 label=$4 out rc=0 prefix
     prefix=$work/pgb-$c-$(date +%s%N)
     out=$("$PGBENCH" -n -M prepared -c "$c" -j 1 -T "$d" \
               -f "$work/claim.pgbench" -D queue="$q" -D lease="$LEASE_MS" \
@@ -277,13 +271,12 @@ run_pgbench() {   # queue clients seconds
     [ -n "$tps" ] || tps=0
     read -r p50 p99 < <(pct "$prefix".[0-9]*)
     rm -f "$prefix".[0-9]*
-    read -r claimed exp dupi dupk <<<"$(check)"
+    local nv
+    read -r claimed exp _ _ nv <<<"$(bench_check_pgbench "$label" "$q" "$tx" "$rc" "${failed:-0}" "$aborted")"
     local detail="tx=$tx rc=$rc dead_after_run=$(dead | cut -d' ' -f1)"
     reset
     detail+=" load=$(cut -d' ' -f1 /proc/loadavg)"
-    [ "$claimed" -eq "$tx" ] || detail+=" CLAIMED_ITEMS!=TX($claimed)"
-    [ "$dupi" -eq 0 ] || detail+=" CLAIMED_TWICE=$dupi"
-    [ "$dupk" -eq 0 ] || detail+=" KEYS_HOLDING_TWO=$dupk"
+    [ "$nv" -eq 0 ] || detail+=" VIOLATIONS=$nv"
     printf '%s %s %s %s %s %s %s\n' "$tps" "$p50" "$p99" \
         "$(( ${failed:-0} + aborted ))" "$claimed" "$exp" "$detail"
 }
@@ -358,16 +351,16 @@ measure() {   # state queue
     EXPL[$st]=$(explain "$st" "$q")
     log "$st EXPLAIN: ${EXPL[$st]}"
     for c in $LEVELS; do
-        line=$(run_module "$q" "$c" "$WARMUP")
+        line=$(run_module "$q" "$c" "$WARMUP" "$st $c conns warm-up")
         secs=$(run_seconds "$(echo "$line" | cut -d' ' -f1)" "$avail")
         log "--- $st, $c connection(s): module warm-up ${WARMUP}s: ${line%% *}/s; runs of ${secs}s"
         local ts=() p50s=() p99s=() es=()
         for r in $(seq "$REPEAT"); do
-            line=$(run_module "$q" "$c" "$secs")
+            line=$(run_module "$q" "$c" "$secs" "$st $c conns run $r module")
             read -r t p50 p99 e cl ex detail <<<"$line"
             log "$st $c conns run $r module: ${t}/s p50 $p50 ms p99 $p99 ms errors $e claimed $cl (expired taken $ex); $detail"
             ts+=("$t") p50s+=("$p50") p99s+=("$p99") es+=("$e")
-            case "$detail" in *[A-Z][A-Z]_*) problems=$((problems + 1)) ;; esac
+            case "$detail" in *VIOLATIONS=*) problems=$((problems + 1)) ;; esac
             dd=$(sed -E 's/.*dead_after_run=([0-9]+).*/\1/' <<<"$detail")
             [ "$dd" -le "$maxdead" ] || maxdead=$dd
         done
@@ -375,16 +368,16 @@ measure() {   # state queue
         M[$st,c$c,p99]=$(median "${p99s[@]}") M[$st,c$c,e]=$(sum "${es[@]}")
         M[$st,c$c,s]=$secs
     done
-    line=$(run_pgbench "$q" 1 1)
+    line=$(run_pgbench "$q" 1 1 "$st pgbench warm-up")
     secs=$(run_seconds "$(echo "$line" | cut -d' ' -f1)" "$avail")
     log "--- $st, pgbench 1 client: 1 s warm-up ${line%% *}/s; runs of ${secs}s"
     local ts=() p50s=() p99s=() es=()
     for r in $(seq "$REPEAT"); do
-        line=$(run_pgbench "$q" 1 "$secs")
+        line=$(run_pgbench "$q" 1 "$secs" "$st 1 client run $r pgbench")
         read -r t p50 p99 e cl ex detail <<<"$line"
         log "$st 1 client run $r pgbench: ${t}/s p50 $p50 ms p99 $p99 ms errors $e claimed $cl (expired taken $ex); $detail"
         ts+=("$t") p50s+=("$p50") p99s+=("$p99") es+=("$e")
-        case "$detail" in *[A-Z][A-Z]_*) problems=$((problems + 1)) ;; esac
+        case "$detail" in *VIOLATIONS=*) problems=$((problems + 1)) ;; esac
         dd=$(sed -E 's/.*dead_after_run=([0-9]+).*/\1/' <<<"$detail")
         [ "$dd" -le "$maxdead" ] || maxdead=$dd
     done
@@ -485,8 +478,12 @@ if [ "$SUSTAINED" -gt 0 ]; then
         -D n=0 -D nclients="$SCLIENTS" "$dsn" > "$prefix.out" 2> "$prefix.progress" || rc=$?
     sleep 1
     read -r d1 av1 <<<"$(dead)"
-    read -r claimed _ dupi dupk <<<"$(check)"
     tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' "$prefix.out")
+    [ "${tx:-0}" -lt "$((cap * SCLIENTS))" ] ||
+        bench_violation sustained "keys exhausted: raise BENCH_KEYS (transactions past them claim nothing)"
+    read -r claimed _ dupi dupk nv <<<"$(bench_check_pgbench sustained "$q" "$tx" "$rc" \
+        "$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' "$prefix.out")" \
+        "$(cat "$prefix.out" "$prefix.progress" | grep -c 'aborted' || true)")"
     tps=$(awk '/^tps = / {printf "%.0f", $3}' "$prefix.out")
     sus_lines=$(grep -E '^progress:' "$prefix.progress" || true)
     # PostgreSQL's log since the run started: each autovacuum of items (its
@@ -495,9 +492,7 @@ if [ "$SUSTAINED" -gt 0 ]; then
         /automatic vacuum of table "annotation_queue.annotation_queue.items"/ {t = substr($0, 12, 8); f = 1; next}
         f && /elapsed:/ {match($0, /elapsed: [0-9.]+ s/); printf "%s%s (%ss)", sep, t, substr($0, RSTART + 9, RLENGTH - 11); sep = ", "; f = 0}')
     sus_summary="sustained run started $ts0 UTC: $tx claims in ${SUSTAINED}s ($tps/s), rc $rc; claimed items $claimed"
-    [ "$claimed" = "$tx" ] || sus_summary+=" (!= transactions: keys ran out or claims failed)"
-    [ "$dupi" -eq 0 ] && [ "$dupk" -eq 0 ] || sus_summary+=" CLAIMED_TWICE=$dupi KEYS_HOLDING_TWO=$dupk"
-    [ "$tx" -lt "$((cap * SCLIENTS))" ] || sus_summary+=" (KEYS EXHAUSTED: raise BENCH_KEYS)"
+    [ "$nv" -eq 0 ] || sus_summary+=" VIOLATIONS=$nv (listed at the end)"
     sus_summary+=$'\n'"autovacuum_count of items $av0 -> $av1 ($((av1 - av0)) during the run), n_dead_tup $d0 -> $d1 at the end"
     sus_summary+=$'\n'"autovacuums of items during the run, ended at (PostgreSQL's log time) and elapsed: ${avlog:-none}"
     log "sustained: $tx claims, $tps/s"
@@ -554,6 +549,5 @@ fi
 echo
 n=$(log_problems)
 echo "nginx error log: $n lines at error level or above; total time $(elapsed "$t_start") s"
-if [ "$problems" -gt 0 ]; then
-    echo "WARNING: $problems run(s) flagged in the log lines above (keys reused, more 200s than claimed items, claimed twice, claimed items != pgbench transactions, error log lines)"
-fi
+[ "$problems" -eq 0 ] || echo "$problems run(s) with violations (VIOLATIONS= in their log lines)"
+bench_verdict || exit 1

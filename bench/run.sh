@@ -21,6 +21,11 @@
 #                        bench's processes only)
 #   BENCH_KEEP=1         keep the work directory (logs, keys, pgbench logs)
 #   MODULE               the module .so (build/ngx_http_annotation_queue_module.so)
+#
+# Every run is checked against the database (bench/lib.sh): an item claimed
+# or answered twice, a key holding two items, a non-2xx answer (a 409 only
+# once the queue is empty), a socket error or timeout, a reused key, an
+# error-log line.  The bench finishes, lists every violation and exits 1.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -176,21 +181,12 @@ case "$answer" in *'HTTP 200') ;; *) die "the sanity claim failed" ;; esac
 # attempts 0) and the table vacuumed, so every run starts from the same
 # queue of ITEMS available items and all keys free again.
 #
-# check: claimed items, items claimed more than once (attempts > 1, must be
-# 0: no lease expires during a run), keys holding two items (must be 0).
-# Only claimed items can have attempts > 0 (the reset zeroes the others), so
-# both read the claimed items only, through items_expiry_idx.
+# Before the reset, every run (warm-ups included) is checked against the
+# database (bench_check_module, bench_check_pgbench in bench/lib.sh): no
+# item claimed twice (attempts > 1: no lease expires during a run) or
+# answered twice (the item ids wrk recorded), no key holding two items, no
+# error; a violation fails the bench at the end (bench_verdict).
 
-check() {
-    psql_ -F' ' <<'SQL'
-SELECT count(*) FILTER (WHERE status = 'claimed'),
-       count(*) FILTER (WHERE attempts > 1),
-       count(*) FILTER (WHERE status = 'claimed')
-         - count(DISTINCT claimed_by) FILTER (WHERE status = 'claimed')
-  FROM annotation_queue.items
- WHERE status = 'claimed';
-SQL
-}
 reset() {
     psql_ <<'SQL' >/dev/null
 UPDATE annotation_queue.items
@@ -207,32 +203,32 @@ reset
 #
 # Each prints one line:
 #   claims_per_s p50_ms p99_ms errors claimed_in_db dup_items dup_keys detail
+# and checks the run (bench/lib.sh): a violation is logged, counted in the
+# detail (VIOLATIONS=n) and fails the bench at the end.
 
-run_module() {   # connections seconds
-    local c=$1 d=$2 out s0 s1 l0 l1 me=$BASHPID
-    l0=$(log_problems)
+run_module() {   # connections seconds label
+    local c=$1 d=$2 label=$3 out s0 s1 l0 me=$BASHPID ids
+    ids=$work/ids-$c-$(date +%s%N)
+    l0=$(errlog_lines)
     s0=$(snap "$me")
     out=$(BENCH_KEYFILE="$work/keys.txt" BENCH_QUEUE="$queue" BENCH_THREADS=$THREADS \
+          BENCH_IDS="$ids" \
           wrk -t "$THREADS" -c "$c" -d "${d}s" --timeout 10s \
               -s "$top/bench/claim.lua" "$url" 2>&1) || { echo "$out" >&2; die "wrk failed"; }
     s1=$(snap "$me")
-    sleep 0.3    # claims in flight when wrk stopped
-    l1=$(log_problems)
+    bench_quiesce    # the claims in flight when wrk stopped
     echo "$out" > "$work/wrk-$c-$(date +%s%N).out"
     get() { awk -v k="$1" '$1 == "BENCH" && $2 == k {print $3}' <<<"$out"; }
-    local ok non200 sockerr dur p50 p99 reused
+    local ok non200 sockerr dur p50 p99 claimed dupi dupk nv
     ok=$(get status_200); non200=$(get non200); sockerr=$(get socket_errors)
-    dur=$(get duration_us); p50=$(get p50_us); p99=$(get p99_us); reused=$(get reused)
-    local chk
-    chk=$(check)
-    read -r claimed dupi dupk <<<"$chk"
+    dur=$(get duration_us); p50=$(get p50_us); p99=$(get p99_us)
+    read -r claimed _ dupi dupk nv <<<"$(bench_check_module "$label" "$queue" "$c" "$out" "$ids" "$l0")"
+    rm -f "$ids".*
     reset
     local errors=$((non200 + sockerr))
     local detail="statuses=$(get statuses) sockets=$(awk '$2=="socket_detail"{print $3,$4,$5,$6}' <<<"$out" | tr ' ' ',')"
     detail+=" load=$(cut -d' ' -f1 /proc/loadavg)"
-    [ "$reused" -eq 0 ] || detail+=" KEYS_REUSED=$reused(invalid:raise_BENCH_KEYS)"
-    [ "$((l1 - l0))" -eq 0 ] || detail+=" ERROR_LOG_LINES=$((l1 - l0))"
-    [ "$ok" -le "$claimed" ] || detail+=" MORE_200s_THAN_CLAIMED_ITEMS=$((ok - claimed))"
+    [ "$nv" -eq 0 ] || detail+=" VIOLATIONS=$nv"
     printf '%s %s %s %s %s %s %s %s %s\n' \
         "$(awk -v n="$ok" -v d="$dur" 'BEGIN {printf "%.1f", n * 1000000 / d}')" \
         "$(awk -v v="$p50" 'BEGIN {printf "%.2f", v / 1000}')" \
@@ -240,8 +236,8 @@ run_module() {   # connections seconds
         "$errors" "$claimed" "$dupi" "$dupk" "$(cpu_per_claim "$s0" "$s1" "$ok")" "$detail"
 }
 
-run_pgbench() {   # clients seconds
-    local c=$1 d=$2 out rc=0 prefix s0 s1 me=$BASHPID
+run_pgbench() {   # clients seconds label
+    local c=$1 d=$2 label=$3 out rc=0 prefix s0 s1 me=$BASHPID
     prefix=$work/pgb-$c-$(date +%s%N)
     s0=$(snap "$me")
     out=$("$PGBENCH" -n -M prepared -c "$c" -j "$THREADS" -T "$d" \
@@ -263,12 +259,11 @@ run_pgbench() {   # clients seconds
              i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
              printf "%.2f %.2f\n", a[i50] / 1000, a[i99] / 1000}')
     rm -f "$prefix".[0-9]*
-    local chk
-    chk=$(check)
-    read -r claimed dupi dupk <<<"$chk"
+    local claimed dupi dupk nv
+    read -r claimed _ dupi dupk nv <<<"$(bench_check_pgbench "$label" "$queue" "$tx" "$rc" "${failed:-0}" "$aborted")"
     reset
     local detail="tx=$tx rc=$rc load=$(cut -d' ' -f1 /proc/loadavg)"
-    [ "$claimed" -eq "$tx" ] || detail+=" CLAIMED_ITEMS!=TX($claimed)"
+    [ "$nv" -eq 0 ] || detail+=" VIOLATIONS=$nv"
     printf '%s %s %s %s %s %s %s %s %s\n' "$tps" "$p50" "$p99" \
         "$(( ${failed:-0} + aborted ))" "$claimed" "$dupi" "$dupk" \
         "$(cpu_per_claim "$s0" "$s1" "$tx")" "$detail"
@@ -287,27 +282,25 @@ for c in $LEVELS; do
     # opens new connections at every run anyway, and the database is as warm
     # for it as for the module
     log "--- $c connections: module warm-up ${WARMUP}s"
-    run_module "$c" "$WARMUP" >/dev/null
+    run_module "$c" "$WARMUP" "$c conns warm-up" >/dev/null
     R[$c,rss0]=$(rss) R[$c,anon0]=$(rss RssAnon)
     mt=() mp50=() mp99=() me=() pt=() pp50=() pp99=() pe=() rt=() r99=()
     mng=() mpg=() mdr=() mot=() ppg=() pdr=() pot=()
     for r in $(seq "$REPEAT"); do
-        line=$(run_module "$c" "$DURATION")
+        line=$(run_module "$c" "$DURATION" "$c conns run $r module")
         read -r t p50 p99 e cl di dk ng pg dr ot detail <<<"$line"
         log "$c conns run $r module : ${t}/s p50 ${p50} ms p99 ${p99} ms errors $e claimed $cl dup_items $di dup_keys $dk" \
             "cpu us/claim: nginx $ng pg $pg wrk $dr; others ${ot}% of the machine; $detail"
         mt+=("$t") mp50+=("$p50") mp99+=("$p99") me+=("$e")
         mng+=("$ng") mpg+=("$pg") mdr+=("$dr") mot+=("$ot")
-        [ "$di" -eq 0 ] && [ "$dk" -eq 0 ] || problems=$((problems + 1))
-        case "$detail" in *[A-Z][A-Z]_*) problems=$((problems + 1)) ;; esac
-        line=$(run_pgbench "$c" "$DURATION")
+        case "$detail" in *VIOLATIONS=*) problems=$((problems + 1)) ;; esac
+        line=$(run_pgbench "$c" "$DURATION" "$c conns run $r pgbench")
         read -r t p50 p99 e cl di dk ng pg dr ot detail <<<"$line"
         log "$c conns run $r pgbench: ${t}/s p50 ${p50} ms p99 ${p99} ms errors $e claimed $cl dup_items $di dup_keys $dk" \
             "cpu us/claim: pg $pg pgbench $dr; others ${ot}% of the machine; $detail"
         pt+=("$t") pp50+=("$p50") pp99+=("$p99") pe+=("$e")
         ppg+=("$pg") pdr+=("$dr") pot+=("$ot")
-        [ "$di" -eq 0 ] && [ "$dk" -eq 0 ] || problems=$((problems + 1))
-        case "$detail" in *[A-Z][A-Z]_*) problems=$((problems + 1)) ;; esac
+        case "$detail" in *VIOLATIONS=*) problems=$((problems + 1)) ;; esac
         # the pair ran back to back: its ratio is what the noise of a shared
         # machine disturbs least
         rt+=("$(ratio "${mt[-1]}" "$t")") r99+=("$(ratio "${mp99[-1]}" "$p99")")
@@ -337,7 +330,7 @@ case " $LEVELS " in *" $dbc "*) ;; *)
         log "--- pgbench at $dbc clients (workers x pool), $PREF run(s)"
         pt=() pp50=() pp99=() pe=()
         for r in $(seq "$PREF"); do
-            line=$(run_pgbench "$dbc" "$DURATION")
+            line=$(run_pgbench "$dbc" "$DURATION" "$dbc clients run $r pgbench")
             read -r t p50 p99 e cl di dk ng pg dr ot detail <<<"$line"
             log "$dbc clients run $r pgbench: ${t}/s p50 ${p50} ms p99 ${p99} ms errors $e claimed $cl dup_items $di dup_keys $dk" \
                 "cpu us/claim: pg $pg pgbench $dr; others ${ot}% of the machine; $detail"
@@ -362,8 +355,9 @@ if [ "${BENCH_PERF:-0}" = 1 ]; then
                  | grep -E '^ +[0-9]' | sed -E 's/( +-)* *$//' | head -"$n" || true; }
 
     log "--- perf: one module run at $maxconn connections, ${pd}s"
+    l0=$(errlog_lines)
     (BENCH_KEYFILE="$work/keys.txt" BENCH_QUEUE="$queue" BENCH_THREADS=$THREADS \
-         exec wrk -t "$THREADS" -c "$maxconn" -d "${pd}s" \
+         BENCH_IDS="$work/ids-perf" exec wrk -t "$THREADS" -c "$maxconn" -d "${pd}s" \
              --timeout 10s -s "$top/bench/claim.lua" "$url" > "$work/perf-wrk.out" 2>&1) &
     wrk_bg=$!
     sleep 1
@@ -371,6 +365,9 @@ if [ "${BENCH_PERF:-0}" = 1 ]; then
     perf record -q -F 999 -p "$pids" -o "$work/perf-module.data" -- sleep "$((pd - 2))" \
         >/dev/null 2>&1 || log "perf record failed"
     wait "$wrk_bg" || true
+    bench_quiesce
+    bench_check_module "perf module run" "$queue" "$maxconn" "$(cat "$work/perf-wrk.out")" \
+        "$work/ids-perf" "$l0" >/dev/null
     reset
 
     log "--- perf: one pgbench run at $maxconn clients, ${pd}s"
@@ -380,7 +377,12 @@ if [ "${BENCH_PERF:-0}" = 1 ]; then
     pgb_bg=$!
     perf record -q -F 999 -p "$postmaster" -o "$work/perf-pgbench.data" -- sleep "$((pd - 1))" \
         >/dev/null 2>&1 || log "perf record failed"
-    wait "$pgb_bg" || true
+    rc=0
+    wait "$pgb_bg" || rc=$?
+    bench_check_pgbench "perf pgbench run" "$queue" \
+        "$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' "$work/perf-pgbench.out")" \
+        "$rc" "$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' "$work/perf-pgbench.out")" \
+        "$(grep -c 'aborted' "$work/perf-pgbench.out" || true)" >/dev/null
     reset
 
     if [ -s "$work/perf-module.data" ]; then
@@ -454,6 +456,5 @@ if [ "$n" -gt 0 ]; then
     grep -E '\[(error|crit|alert|emerg)\]' "$errlog" \
         | sed -E 's/^[0-9\/: ]+\[/[/; s/[0-9]+#[0-9]+: \*?[0-9]* ?//' | sort | uniq -c | sort -rn | head -10
 fi
-if [ "$problems" -gt 0 ]; then
-    echo "WARNING: $problems run(s) flagged above (items claimed twice, keys reused, more 200s than claimed items, claimed items != pgbench transactions, error log lines)"
-fi
+[ "$problems" -eq 0 ] || echo "$problems run(s) with violations (VIOLATIONS= in their log lines)"
+bench_verdict || exit 1
