@@ -13,6 +13,7 @@ use warnings;
 use lib 't/lib';
 use AQ;
 use AQ::Workflow;
+use JSON::PP ();
 use Test::Nginx::Socket 'no_plan';
 
 our $org   = AQ::org('workflow');
@@ -77,6 +78,147 @@ sub result_check {
     my $got = AQ::Workflow::row($item)->{result_text};
     return 'result NULL' unless defined $got;
     return $got eq $want ? 'result as sent' : "result $got, sent $want";
+}
+
+# Results of megabytes: 'mb' and 'mb-chunked' are held by alice at v1.
+queue_of('mb', $org, 'mb');
+AQ::Workflow::hold('mb', $k{alice});
+queue_of('mb-chunked', $org, 'mb-chunked');
+AQ::Workflow::hold('mb-chunked', $k{alice});
+
+# A complete body of about $mb megabytes (a result of strings with escapes,
+# unicode and numbers), as JSON text.
+sub mb_body {
+    my ($item, $mb) = @_;
+    my $unit = qq({"text": "caf\\u00e9 \\"q\\" \\\\ \\n \xe6\x97\xa5\xe6\x9c\xac \xf0\x9f\x98\x80 ) . ('x' x 40)
+             . qq(", "score": 0.1, "big": 12345678901234567890.123456789});
+    my $n = int($mb * 1_000_000 / (length($unit) + 2)) + 1;
+    return qq({"item_id": "@{[AQ::item_id($item)]}", "version": 1, "result": {"label": "mb", )
+           . qq("parts": [) . join(', ', ($unit) x $n) . ']}}';
+}
+our %mb = (within => mb_body('mb', 3), beyond => mb_body('mb', 9),
+           chunked => mb_body('mb-chunked', 9));
+
+# "result as sent, N MB" when the row's result is PostgreSQL's jsonb of the
+# "result" of the body sent (compared in PostgreSQL: megabytes of text).
+sub mb_result_check {
+    my ($item, $body) = @_;
+    my ($same, $len) = AQ::dbh()->selectrow_array(
+        q{SELECT i.result = (?::jsonb) -> 'result', length(i.result::text)
+            FROM annotation_queue.items i WHERE i.id = ?},
+        undef, $body, AQ::item_id($item));
+    return 'result NULL' unless defined $len;
+    return ($same ? 'result as sent' : 'result differs from what was sent')
+           . ($len > 2_500_000 ? ', over 2.5 MB' : ", only $len bytes");
+}
+
+# A chunked POST of $body to $uri as alice, in chunks of 64k.
+sub chunked_req {
+    my ($uri, $body) = @_;
+    my $chunks = '';
+    for (my $off = 0; $off < length $body; $off += 65536) {
+        my $part = substr($body, $off, 65536);
+        $chunks .= sprintf("%x\r\n%s\r\n", length $part, $part);
+    }
+    return "POST $uri HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+           . "Authorization: Bearer $k{alice}\r\nContent-Type: application/json\r\n"
+           . "Transfer-Encoding: chunked\r\n\r\n$chunks" . "0\r\n\r\n";
+}
+
+# ---------------------------------------------------------------------------
+# The race at an expired lease, $ROUNDS (200) times: alice claims an item (v1),
+# her lease runs out; then at once bob claims the queue while alice extends
+# and completes the item quoting v1.  Exactly one side wins, every round:
+#   - bob's claim (200, v2): alice's extend and complete both get 409
+#     stale_claim; the row is bob's claim at v2, without a result; and
+#     alice's extend and complete sent again afterwards get 409 stale_claim
+#     and leave it so;
+#   - or alice's complete (200, v2, her result stored): bob gets 409
+#     no_items_available; alice's extend is 200 (before her complete) or
+#     409 stale_claim (after it).
+# Never both, never neither.  The order in which the three requests are
+# sent turns each round; which side wins is the database's business (the
+# tally is printed, not checked).
+{
+    my $what = 'race at an expired lease';
+    my $ROUNDS = 200;
+    my ($ngx, $port) = AQ::Workflow::start_nginx(workers => 2,
+        http => 'annotation_queue_pool_size 4;');
+    my $alice = AQ::Workflow::key($org, 'race-alice');
+    my $bob   = AQ::Workflow::key($org, 'race-bob');
+    my %uri   = %AQ::Workflow::URI;
+    my $setup = AQ::Client->new(port => $port);
+    my @conn  = map { AQ::Client->new(port => $port) } 1 .. 3;
+    my (@bad, %tally);
+
+    for my $round (1 .. $ROUNDS) {
+        my $queue = AQ::queue($org, "race-$round");
+        my $item = AQ::enqueue($queue, undef, { round => $round });
+        my $res = { };
+        @$res{qw(status headers body error)} = $setup->claim($queue, $alice);
+        my $claimed = AQ::Workflow::outcome($res);
+        if ($claimed ne '200 claimed v1') {
+            push @bad, "round $round: alice's claim: $claimed";
+            next;
+        }
+        AQ::expire_lease($item);
+
+        my $held = JSON::PP->new->canonical->encode({ item_id => $item, version => 1 });
+        my $done = JSON::PP->new->canonical->encode(
+            { item_id => $item, version => 1, result => { by => 'alice', round => $round } });
+        my @reqs = ([uri => $uri{claim}, key => $bob, body => qq({"queue_id":"$queue"})],
+                    [uri => $uri{extend}, key => $alice, body => $held],
+                    [uri => $uri{complete}, key => $alice, body => $done]);
+        my @order = map { ($_ + $round) % 3 } 0 .. 2;
+        for my $i (@order) {
+            my $err = $conn[$i]->send_request(@{ $reqs[$i] });
+            push @bad, "round $round: sending request $i: $err" if $err;
+        }
+        my ($claim, $extend, $complete) =
+            map { AQ::Workflow::outcome($conn[$_]->read_response) } 0 .. 2;
+        my $row = AQ::Workflow::row($item);
+        my $state = "$row->{status} v$row->{version} by "
+                    . AQ::Workflow::holder_name($row->{claimed_by})
+                    . ', result ' . ($row->{result_text} // 'NULL');
+        my $seen = 'sent ' . join(', ', map { (qw(claim extend complete))[$_] } @order)
+                   . "; claim: $claim; extend: $extend; complete: $complete; row: $state";
+        $tally{$claim eq '200 claimed v2' ? 'bob' : 'alice'}++;
+
+        if ($claim eq '200 claimed v2') {
+            push @bad, "round $round: bob won, but alice did not get 409 stale_claim twice: $seen"
+                unless $extend eq '409 stale_claim' && $complete eq '409 stale_claim';
+            push @bad, "round $round: bob won, but the row is not his claim at v2: $seen"
+                unless $state eq 'claimed v2 by race-bob, result NULL';
+            my @again = map {
+                my ($st, $h, $b, $e) = $setup->request(@$_);
+                AQ::Workflow::outcome({ status => $st, body => $b, error => $e })
+            } @reqs[1, 2];
+            push @bad, "round $round: after bob's claim, alice's extend and complete again: "
+                       . join(', ', @again)
+                unless "@again" eq '409 stale_claim 409 stale_claim';
+            my $after = AQ::Workflow::row($item);
+            push @bad, "round $round: alice's late requests changed the row"
+                unless $after->{version} == 2 && ($after->{claimed_by} // '') eq ($row->{claimed_by} // '')
+                    && !defined $after->{result_text};
+        } elsif ($claim eq '409 no_items_available') {
+            push @bad, "round $round: bob got nothing, but alice's complete did not win: $seen"
+                unless $complete eq '200 completed v2';
+            push @bad, "round $round: alice's extend: $seen"
+                unless $extend eq '200 claimed v1' || $extend eq '409 stale_claim';
+            push @bad, "round $round: alice won, but the row is not her completed item: $seen"
+                unless $state eq qq(completed v2 by nobody, result {"by": "alice", "round": $round});
+        } else {
+            push @bad, "round $round: bob's claim: $seen";
+        }
+    }
+    is_deeply(\@bad, [], "$what: $ROUNDS rounds, each won by exactly one side (bob's claim "
+                         . "or alice's complete), the loser answered 409, the row the winner's")
+        or diag(Test::More::explain(\@bad));
+    Test::More::note "$what: bob won " . ($tally{bob} // 0) . ', alice won ' . ($tally{alice} // 0);
+
+    $ngx->stop;
+    my @log = grep { /\[(?:error|alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;
+    is_deeply(\@log, [], "$what: no [error], [alert], [crit] or [emerg] in the error log");
 }
 
 $AQ::CONFIG = $AQ::Workflow::LOCATIONS;
@@ -542,5 +684,61 @@ my $body = qq({"item_id": "@{[AQ::item_id('big')]}", "version": 1, "result": {"t
 ["error body_too_large\n", "completed big v2, lease null\nresult of 5012 bytes\n"]
 --- no_error_log
 [error]
+[alert]
+[crit]
+
+
+
+=== TEST 18: a result of 3 MB within annotation_queue_max_body_size (8m) is stored as sent; 9 MB (announced) is refused at once with 413 body_too_large
+The 9 MB body is refused before it is read; the item stays alice's claim
+at v1 until the 3 MB complete.
+--- config eval
+$AQ::Workflow::LOCATIONS . <<"_EOC_"
+    location = /large/complete {
+        annotation_queue_max_body_size 8m;
+        annotation_queue_complete;
+    }
+_EOC_
+--- request eval
+[::req('/large/complete', $::mb{beyond}), ::req('/large/complete', $::mb{within})]
+--- more_headers eval
+::as('alice')
+--- timeout eval
+20 * AQ::slow()
+--- error_code eval
+[413, 200]
+--- response_headers_like eval
+["Content-Type: application/json", "Content-Type: application/json\nCache-Control: no-store"]
+--- response_body_filters eval
+[[\&AQ::canon, AQ::append(sub { AQ::Workflow::unchanged('mb') })],
+ [\&AQ::Workflow::brief, AQ::append(sub { ::mb_result_check('mb', $::mb{within}) })]]
+--- response_body eval
+[AQ::error_body('body_too_large') . "row unchanged\n",
+ "completed mb v2, lease null\nresult as sent, over 2.5 MB\n"]
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 19: a chunked result of 9 MB over annotation_queue_max_body_size (8m): 413 body_too_large, the item unchanged
+--- config eval
+$AQ::Workflow::LOCATIONS . <<"_EOC_"
+    location = /large/complete {
+        annotation_queue_max_body_size 8m;
+        annotation_queue_complete;
+    }
+_EOC_
+--- raw_request eval
+::chunked_req('/large/complete', $::mb{chunked})
+--- timeout eval
+20 * AQ::slow()
+--- error_code: 413
+--- response_body_filters eval
+[\&AQ::canon, AQ::append(sub { AQ::Workflow::unchanged('mb-chunked') })]
+--- response_body eval
+AQ::error_body('body_too_large') . "row unchanged\n"
+--- no_error_log
 [alert]
 [crit]

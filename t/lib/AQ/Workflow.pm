@@ -317,6 +317,38 @@ sub worker_connections {
     return \%by;
 }
 
+# A standalone nginx (AQ::start_nginx, whose options it takes) that also
+# serves the four endpoints on a second port, with server => more
+# directives of that server: returns ($ngx, $port).
+sub start_nginx {
+    my (%o) = @_;
+    my $port = AQ::free_port();
+    my $server = $o{server} // '';
+    my $http = ($o{http} // '') . <<"_EOC_";
+    server {
+        listen 127.0.0.1:$port;
+$LOCATIONS$server
+    }
+_EOC_
+    return (AQ::start_nginx(%o, http => $http), $port);
+}
+
+# The answer of an AQ::Client request (send_request, then read_response):
+# "200 claimed v2", "200 completed v2", "409 stale_claim", or "0 <error>".
+sub outcome {
+    my ($res) = @_;
+    return '0 ' . ($res->{error} // 'no answer') unless $res->{status};
+    my $doc = eval { $JSON->decode($res->{body}) };
+    if (ref $doc eq 'HASH' && ref $doc->{item} eq 'HASH') {
+        my $it = $doc->{item};
+        return "$res->{status} " . ($it->{status} // 'claimed') . ' v' . ($it->{version} // 'null');
+    }
+    if (ref $doc eq 'HASH' && ref $doc->{error} eq 'HASH') {
+        return "$res->{status} " . ($doc->{error}{code} // 'null');
+    }
+    return "$res->{status} unexpected body: $res->{body}";
+}
+
 # ---------------------------------------------------------------------------
 # Prometheus text (t/090-status.t).
 
