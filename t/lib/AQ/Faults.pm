@@ -1,6 +1,7 @@
 package AQ::Faults;
 
-# Helpers of the fault-injection suites (t/100-restart.t .. t/130-reload.t)
+# Helpers of the fault-injection suites (t/100-restart.t .. t/130-reload.t,
+# and the standalone parts of t/060-database.t)
 # and of t/manual/exclusivity.pl.  AQ.pm stays the owner of the fixtures;
 # this adds what faults need:
 #
@@ -25,6 +26,7 @@ use File::Basename qw(basename dirname);
 use File::Copy qw(copy);
 use File::Path qw(remove_tree);
 use File::Temp qw(tempdir);
+use IO::Select;
 use IO::Socket::INET;
 use JSON::PP ();
 use POSIX ();
@@ -205,6 +207,75 @@ sub wait_until {
 }
 
 # ---------------------------------------------------------------------------
+# nginx's status page (annotation_queue_status): what the pools are doing,
+# to wait for ("a claim waits for a connection") instead of sleeping.
+#
+#   http => ... . AQ::Faults::status_server($sport)   (in AQ::start_nginx)
+#   AQ::Faults::wait_until(5, sub { AQ::Faults::pool_state($sport)->{waiting} == 1 })
+
+our $STATUS_URI = '/aq-status';
+
+# A server block that serves the status page on $port (for the http
+# directives of AQ::start_nginx).
+sub status_server {
+    my ($port) = @_;
+    return <<"_EOC_";
+    server {
+        listen 127.0.0.1:$port;
+        location = $STATUS_URI {
+            annotation_queue_status;
+        }
+    }
+_EOC_
+}
+
+# The samples of the status page: { 'name{labels}' => value }, or undef
+# when it does not answer 200.
+sub status {
+    my ($port) = @_;
+    my $c = AQ::Client->new(port => $port);
+    my ($st, undef, $body) = $c->request(method => 'GET', uri => $STATUS_URI);
+    $c->disconnect;
+    return undef unless $st && $st == 200;
+    my %m;
+    for (split /\n/, $body) {
+        $m{$1} = $2 if /^([a-z_]+\{[^}]*\})\s+(\d+)$/;
+    }
+    return \%m;
+}
+
+# The pools' gauges summed over pools and workers: { idle, busy, connecting,
+# open, waiting }; every count is -1 when the page does not answer.
+sub pool_state {
+    my ($port) = @_;
+    my $m = status($port)
+        or return { map { $_ => -1 } qw(idle busy connecting open waiting) };
+    my %s = (idle => 0, busy => 0, connecting => 0, waiting => 0);
+    while (my ($k, $v) = each %$m) {
+        next unless $k =~ /worker="all"/;
+        $s{$1} += $v if $k =~ /^annotation_queue_connections\{.*state="(\w+)"/;
+        $s{waiting} += $v if $k =~ /^annotation_queue_waiting\{/;
+    }
+    $s{open} = $s{idle} + $s{busy} + $s{connecting};
+    return \%s;
+}
+
+# Lines of nginx's error log that match $re.
+sub log_count {
+    my ($ngx, $re) = @_;
+    return scalar grep { /$re/ } split /\n/, $ngx->error_log;
+}
+
+# Whether an answer came (or the connection closed) on an AQ::Client whose
+# request was sent and not read yet; does not wait.
+sub answered_yet {
+    my ($c) = @_;
+    return 1 if length($c->{buf} // '');
+    return 1 unless $c->{sock};
+    return IO::Select->new($c->{sock})->can_read(0) ? 1 : 0;
+}
+
+# ---------------------------------------------------------------------------
 # Claims and their answers.
 
 sub decode { my $d = eval { $JSON->decode($_[0] // '') }; return ref $d eq 'HASH' ? $d : undef }
@@ -244,6 +315,48 @@ sub claim_problems {
     push @p, "item $it->{id} is held by another key" unless $row->{mine};
     push @p, "item $it->{id} answered v$it->{version}, v$row->{version} in the database"
         unless ($it->{version} // '') eq $row->{version};
+    return @p;
+}
+
+# The problems of a set of claims answered 200, each [item id, version,
+# key] as answered (in any order, from any number of clients): every
+# answer must name an item that the database says is claimed by that very
+# key (items.claimed_by = the key's id) at the version answered, and no
+# item may be answered twice, whether to two clients or twice to one.  The
+# problems name items and answers, never keys.
+sub answers_problems {
+    my ($answers) = @_;
+    my (@p, %n);
+    $n{ $_->[0] // '' }++ for @$answers;
+    push @p, map { "item $_ answered $n{$_} times" } grep { $n{$_} > 1 } sort keys %n;
+    return @p unless @$answers;
+    my $uuid = qr/^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$/i;
+    my @items = map { defined $_->[0] && $_->[0] =~ $uuid ? $_->[0] : undef } @$answers;
+    my @versions = map { defined $_->[1] && $_->[1] =~ /^\d{1,18}$/ ? $_->[1] : undef } @$answers;
+    my @keys = map { $_->[2] } @$answers;
+    my $rows = db()->selectall_arrayref(
+        q{SELECT a.n, i.id IS NOT NULL, i.status, i.version, k.id IS NOT NULL,
+                 coalesce(i.claimed_by = k.id, false)
+            FROM unnest(?::uuid[], ?::bigint[], ?::text[])
+                 WITH ORDINALITY AS a(item, version, key, n)
+            LEFT JOIN annotation_queue.items i ON i.id = a.item
+            LEFT JOIN annotation_queue.api_keys k
+                   ON k.key_hash = annotation_queue.key_hash(a.key)
+           ORDER BY a.n}, undef, \@items, \@versions, \@keys);
+    for my $r (@$rows) {
+        my ($n, $found, $status, $version, $key_found, $mine) = @$r;
+        my ($item, $answered) = @{ $answers->[ $n - 1 ] };
+        my $what = 'answer ' . $n . ' (item ' . ($item // 'none') . ')';
+        if (!$found) {
+            push @p, "$what: not in the database";
+            next;
+        }
+        push @p, "$what: the key is not in the database" unless $key_found;
+        push @p, "$what: the item is $status" unless $status eq 'claimed';
+        push @p, "$what: the item is held by another key" if $key_found && !$mine;
+        push @p, "$what: answered v" . ($answered // '?') . ", v$version in the database"
+            unless defined $answered && $answered eq $version;
+    }
     return @p;
 }
 
@@ -386,7 +499,7 @@ package AQ::Faults;
 sub raw_connect {
     my ($port) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
-                                  Proto => 'tcp', Timeout => 5)
+                                  Proto => 'tcp', Timeout => 5 * AQ::slow())
         or die "connect: $!";
     binmode $s;
     return $s;
