@@ -3,12 +3,16 @@
 # pool_saturated), clients that go away while their claim waits.
 #
 # A claim is made to block by holding an ACCESS EXCLUSIVE lock on the items
-# table in another session (AQ::lock_items / AQ::unlock_items).
+# table in another session (AQ::lock_items / AQ::unlock_items).  The
+# standalone parts wait for what they need nginx to have done (a claim
+# blocked in PostgreSQL, a claim on the waiting list, a client seen gone) on
+# pg_stat_activity, the status page and the error log, never for a time.
 use strict;
 use warnings;
 
 use lib 't/lib';
 use AQ;
+use AQ::Faults;
 use JSON::PP ();
 use Test::Nginx::Socket 'no_plan';
 use IO::Socket::INET;
@@ -39,16 +43,25 @@ sub error_code_of {
     return ref $doc eq 'HASH' && ref $doc->{error} eq 'HASH' ? $doc->{error}{code} : undef;
 }
 
+# The query timeout of the standalone parts: the lock is held across
+# several steps, each waiting for nginx; no claim may time out meanwhile.
+our $QUERY_TIMEOUT = 10 * AQ::slow();
+
+# The waiting list of the pools of the standalone nginx whose status page
+# is on $sport (-1 if it does not answer).
+sub waiting { return AQ::Faults::pool_state($_[0])->{waiting} }
+
 # A standalone nginx (one worker, one connection) whose only connection is
 # kept busy by a claim blocked on the lock.
 {
     my $what = 'pool saturated';
     my $q = AQ::queue($org, 'saturated');
     AQ::enqueue_many($q, 10);
-    my $ngx = AQ::start_nginx(workers => 1, http => <<'_EOC_');
+    my $sport = AQ::free_port();
+    my $ngx = AQ::start_nginx(workers => 1, http => <<"_EOC_" . AQ::Faults::status_server($sport));
     annotation_queue_pool_size 1;
     annotation_queue_max_waiting 1;
-    annotation_queue_query_timeout 10s;
+    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
 _EOC_
     my ($warm) = AQ::Client->new(port => $ngx->port)->claim($q, key_of('sat-warm'));
     is($warm, 200, "$what: a first claim opens the pool's one connection");
@@ -56,17 +69,24 @@ _EOC_
     AQ::lock_items();
     my ($a, $b, $c) = map { AQ::Client->new(port => $ngx->port, timeout => 15) } 1 .. 3;
     $a->send_request(body => qq({"queue_id":"$q"}), key => key_of('sat-a'));
-    Time::HiRes::sleep(0.3 * AQ::slow());    # a's claim holds the connection
+    ok(AQ::Faults::wait_until(5, sub { AQ::Faults::backends(lock => 1) == 1 }),
+       "$what: a claim holds the connection, blocked by the lock")
+        or diag Test::More::explain(AQ::Faults::backend_rows());
     $b->send_request(body => qq({"queue_id":"$q"}), key => key_of('sat-b'));
-    Time::HiRes::sleep(0.3 * AQ::slow());    # b waits for it: the waiting list is full
+    ok(AQ::Faults::wait_until(5, sub { waiting($sport) == 1 }),
+       "$what: a second claim waits for it: the waiting list (1) is full");
 
     my $t0 = Time::HiRes::time();
     my ($status, $h, $body) = $c->claim($q, key_of('sat-c'));
     my $took = Time::HiRes::time() - $t0;
-    is($status, 503, "$what: a third claim gets 503 at once");
-    # The lock stays until after this answer: a claim that waited for the
-    # database would not answer at all.  5 s leaves room for a loaded machine.
-    cmp_ok($took, '<', 5, "$what: ... without waiting for the database");
+    is($status, 503, "$what: a third claim gets 503");
+    # The lock stays until after this answer: the claims before it cannot
+    # be answered before their query timeout.  A claim that waited for the
+    # connection would be answered after them (at the earliest when the
+    # first one's query times out, before its own wait could).
+    ok(!AQ::Faults::answered_yet($a) && !AQ::Faults::answered_yet($b),
+       "$what: ... at once: the two claims before it are not answered yet");
+    Test::More::note(sprintf '%s: the 503 came after %.3f s', $what, $took);
     is(error_code_of($body), 'pool_saturated', "$what: ... pool_saturated")
         or diag $body;
     like($h->{'retry-after'} // '', qr/^\d+$/, "$what: ... with Retry-After");
@@ -90,10 +110,11 @@ _EOC_
     my $what = 'clients going away';
     my $q = AQ::queue($org, 'going-away');
     AQ::enqueue_many($q, 10);
-    my $ngx = AQ::start_nginx(workers => 1, http => <<'_EOC_');
+    my $sport = AQ::free_port();
+    my $ngx = AQ::start_nginx(workers => 1, http => <<"_EOC_" . AQ::Faults::status_server($sport));
     annotation_queue_pool_size 1;
     annotation_queue_max_waiting 8;
-    annotation_queue_query_timeout 10s;
+    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
 _EOC_
     my ($warm) = AQ::Client->new(port => $ngx->port)->claim($q, key_of('away-warm'));
     is($warm, 200, "$what: a first claim opens the pool's one connection");
@@ -101,13 +122,22 @@ _EOC_
     AQ::lock_items();
     my ($a, $b, $c) = map { AQ::Client->new(port => $ngx->port, timeout => 15) } 1 .. 3;
     $a->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-a'));
-    Time::HiRes::sleep(0.2 * AQ::slow());
+    ok(AQ::Faults::wait_until(5, sub { AQ::Faults::backends(lock => 1) == 1 }),
+       "$what: a claim holds the connection, blocked by the lock")
+        or diag Test::More::explain(AQ::Faults::backend_rows());
     $b->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-b'));
-    Time::HiRes::sleep(0.2 * AQ::slow());
+    ok(AQ::Faults::wait_until(5, sub { waiting($sport) == 1 }),
+       "$what: a second claim waits for the connection");
+    my $gone = qr/client prematurely closed connection/;
+    my $before = AQ::Faults::log_count($ngx, $gone);
     $a->disconnect;    # its claim is running
     $b->disconnect;    # it waits for the connection
+    ok(AQ::Faults::wait_until(5, sub {
+           AQ::Faults::log_count($ngx, $gone) >= $before + 2 && waiting($sport) == 0 }),
+       "$what: nginx sees both clients go; the waiting one leaves the list");
     $c->send_request(body => qq({"queue_id":"$q"}), key => key_of('away-c'));
-    Time::HiRes::sleep(0.3 * AQ::slow());
+    ok(AQ::Faults::wait_until(5, sub { waiting($sport) == 1 }),
+       "$what: a third claim waits behind the claim of the client gone");
     AQ::unlock_items();
 
     my $rc = $c->read_response;
@@ -157,7 +187,8 @@ Content-Type: application/json(;\s*charset=utf-8)?
 [(AQ::claim_req($::queue)) x 3]
 --- more_headers eval
 [AQ::headers(::key_of('timeout-warm')), (AQ::headers(::key_of('timeout'))) x 2]
---- timeout: 5
+--- timeout eval
+5 * AQ::slow()
 --- error_code eval
 [200, 504, 200]
 --- response_headers_like eval
@@ -179,6 +210,8 @@ Content-Type: application/json(;\s*charset=utf-8)?
 
 
 === TEST 3: the server closes the pool's connection: at most one claim fails (503), the next ones work
+The second claim is sent once the backend is gone from pg_stat_activity: it
+meets a connection whose server end is closed (or nginx noticed already).
 --- http_config
     annotation_queue_database "$TEST_NGINX_AQ_DSN";
     annotation_queue_pool_size 1;
@@ -189,7 +222,9 @@ Content-Type: application/json(;\s*charset=utf-8)?
 --- error_code_like eval
 ['^200$', '^(?:200|503)$', '^200$', '^200$']
 --- response_body_filters eval
-[[\&AQ::brief, AQ::then(sub { AQ::terminate_backends(); Time::HiRes::sleep(0.3) })],
+[[\&AQ::brief, AQ::then(sub {
+      AQ::Faults::terminate_nginx_backends();
+      AQ::Faults::wait_until(5, sub { AQ::Faults::backends() == 0 }) })],
  [\&AQ::brief], [\&AQ::brief], [\&AQ::brief]]
 --- response_body_like eval
 ['^item db-\d+ v1$', '^(?:item db-\d+ v1|error database_unavailable)$',
@@ -224,16 +259,18 @@ Content-Type: application/json(;\s*charset=utf-8)?
 
 === TEST 5: a server that never answers the connection: annotation_queue_connect_timeout ends it (503)
 The listener completes TCP handshakes and never speaks; query_timeout is
-far away: only the connect timeout can answer within the 3 s of the client.
+far away: only the connect timeout can answer within the 3 s (times
+AQ::slow()) of the client.
 --- http_config
     annotation_queue_database "$TEST_NGINX_AQ_TARPIT_DSN";
     annotation_queue_connect_timeout 1s;
-    annotation_queue_query_timeout 30s;
+    annotation_queue_query_timeout 60s;
 --- request eval
 AQ::claim_req($::queue)
 --- more_headers eval
 AQ::headers(::key_of('tarpit'))
---- timeout: 3
+--- timeout eval
+3 * AQ::slow()
 --- error_code: 503
 --- response_headers_like
 Retry-After: \d+
