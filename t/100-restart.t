@@ -9,7 +9,8 @@
 #     claims running alone, claims that went out together on one connection,
 #     claims waiting for a connection (see below);
 #   - claims made while the server is down get 503 database_unavailable
-#     with Retry-After, at once (well under a second each);
+#     with Retry-After, at once: well before the shortest timer (the connect
+#     timeout) could have answered them;
 #   - once the server is back on the same port, the first claims succeed
 #     without an nginx reload, and then every pooled connection has
 #     recovered: pool_size x workers x 3 claims one after the other, each on
@@ -18,6 +19,12 @@
 #     says the key holds (none fails on a stale connection);
 #   - nginx never holds more than pool_size x workers server connections,
 #     and its error log has no [alert], [crit], [emerg] or crashed worker.
+#
+# The timeouts are long (and scale with AQ::slow()): the steps between
+# sending claims and stopping the server wait for what nginx and PostgreSQL
+# must do (pg_stat_activity, the status page), which takes a while on a
+# loaded machine, and no claim may time out meanwhile.  "At once" is a
+# bound half as long as the shortest timer a claim could wait for.
 #
 # The suite runs its own PostgreSQL cluster (AQ::Faults::own_cluster): the
 # one scripts/test.sh started serves the other suites and is never stopped.
@@ -31,15 +38,18 @@ use List::Util qw(max);
 use Test::More;
 use Time::HiRes qw(time sleep);
 
-my $WORKERS       = 2;
-my $POOL          = 3;
-my $QUERY_TIMEOUT = 3;    # seconds
-my $FAST          = 1;    # "at once": each 503 of a stopped server within this
+my $WORKERS         = 2;
+my $POOL            = 3;
+my $CONNECT_TIMEOUT = 5 * AQ::slow();     # seconds
+my $QUERY_TIMEOUT   = 10 * AQ::slow();
+# "at once": each 503 of a stopped server within this; one that waited for
+# a timer would take the connect timeout at least
+my $FAST            = $CONNECT_TIMEOUT / 2;
 # The first claims after a restart open connections to a server that has
 # just recovered (cold caches, on a loaded machine 0.1-1 s); a pool that
-# waited for a timer to recover would take the connect timeout plus the
-# query timeout (4 s) or fail.
-my $FIRST         = 3;
+# waited for a timer to recover would take the connect timeout (and the
+# query timeout, for a claim that waited) or fail.
+my $FIRST           = $CONNECT_TIMEOUT - 1;
 
 my $org   = AQ::org('restart');
 my $queue = AQ::queue($org, 'restart');
@@ -58,10 +68,11 @@ AQ::dbh()->disconnect;
 # spreads new connections evenly (by a hash of their addresses), so that
 # each worker gets its share of the claims in flight (with one shared
 # socket, a busy machine may hand nearly all of them to one worker).
+# That server also serves the status page (AQ::Faults::pool_state).
 my $port = AQ::free_port();
 my $ngx = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_");
     annotation_queue_pool_size $POOL;
-    annotation_queue_connect_timeout 1s;
+    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;
     annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
     log_format timing '\$msec \$pid \$status \$request_time db=\$annotation_queue_db_time '
                       '\$annotation_queue_outcome';
@@ -71,6 +82,9 @@ my $ngx = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_");
         access_log logs/access.log timing;
         location = $AQ::URI {
             annotation_queue_claim;
+        }
+        location = $AQ::Faults::STATUS_URI {
+            annotation_queue_status;
         }
     }
 _EOC_
@@ -142,7 +156,7 @@ sub check_down {
     }
     is_deeply(\@bad, [], "$what: new claims get 503 database_unavailable JSON with Retry-After")
         or diag explain \@bad;
-    is_deeply(\@slow, [], "$what: ... each at once (under $FAST s)");
+    is_deeply(\@slow, [], "$what: ... each at once (under $FAST s)") or diag explain \@slow;
     note sprintf '%s: slowest 503 in %.3f s', $what, max(@times);
 
     # concurrent claims from one process (forked clients would measure
@@ -191,7 +205,11 @@ sub check_first {
 {
     my $what = 'stopped while idle';
     AQ::Faults::pg_stop();
-    sleep 0.2;
+    # the claims must meet the server down, not connections nginx has not
+    # yet seen closed: the idle connections' ends are read as they close
+    my $seen = AQ::Faults::wait_until(5, sub { AQ::Faults::pool_state($port)->{open} == 0 });
+    ok($seen, "$what: nginx closes its idle connections to the server that went away")
+        or diag explain AQ::Faults::pool_state($port);
     check_down($what);
 
     AQ::Faults::pg_start();
@@ -224,7 +242,7 @@ sub send_claims {
     my ($n) = @_;
     my @clients;
     for (1 .. $n) {
-        my $c = AQ::Client->new(port => $port, timeout => $QUERY_TIMEOUT + 10);
+        my $c = AQ::Client->new(port => $port, timeout => $QUERY_TIMEOUT / AQ::slow() + 10);
         $c->send_request(body => qq({"queue_id":"$queue"}), key => fresh_key());
         push @clients, [$c, time];
     }
@@ -271,14 +289,20 @@ sub send_claims {
     note "$what: $batches of the statements in flight carry several claims";
 
     # and more claims that wait, every connection being busy
+    my $waited = AQ::Faults::pool_state($port)->{waiting};
     push @clients, send_claims(2 * $POOL * $WORKERS);
     $n = @clients;
-    sleep 0.3;
+    my $waiting = AQ::Faults::wait_until(5, sub {
+        AQ::Faults::pool_state($port)->{waiting} == $waited + 2 * $POOL * $WORKERS });
+    ok($waiting, "$what: ... and " . 2 * $POOL * $WORKERS . " more claims wait for a connection")
+        or diag explain AQ::Faults::pool_state($port);
 
     AQ::Faults::pg_stop();
     my $stopped = time;
     AQ::Faults::forget($gate);    # its session died with the server
 
+    # (each answer is read after the ones before it: the time of an answer
+    # is at most when it was read)
     my (@bad, @late, @took, %seen);
     for (@clients) {
         my ($c, $sent) = @$_;
@@ -289,11 +313,12 @@ sub send_claims {
         $seen{$out}++;
         push @bad, $out unless $out =~ /^(?:503 database_unavailable|504 query_timeout)$/
                                && ($r->{headers}{'content-type'} // '') =~ m{^application/json};
-        push @late, sprintf('%s after %.3f s', $out, $took) if $took > $QUERY_TIMEOUT + 0.5;
+        push @late, sprintf('%s %.3f s after the stop', $out, time - $stopped)
+            if time - $stopped > $QUERY_TIMEOUT;
     }
     is_deeply(\@bad, [], "$what: each of the $n claims in flight gets 503 or 504 JSON")
         or diag explain \@bad;
-    is_deeply(\@late, [], "$what: ... within the query timeout (${QUERY_TIMEOUT}s)")
+    is_deeply(\@late, [], "$what: ... within the query timeout (${QUERY_TIMEOUT}s) of the stop")
         or diag explain \@late;
     note sprintf '%s: %s; slowest %.3f s after its request, all answered %.3f s after the stop',
                  $what, join(', ', map { "$seen{$_} $_" } sort keys %seen), max(@took),
