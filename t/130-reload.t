@@ -27,11 +27,21 @@
 #     backends in pg_stat_activity come back to <= pool_size x workers;
 #   - the same after the kill: the master starts a worker in its place, which
 #     builds its pool, and the killed one's backends go away;
-#   - no item is handed to two keys; the error log has no [alert], [crit] or
-#     [emerg] but the master's report of the worker we killed;
+#   - every 200 names an item that the database says is held by that very
+#     key (claimed_by = the key's id) at the version answered, and no item
+#     is answered twice, to two clients or twice to one (the answers of all
+#     clients joined with the database, AQ::Faults::answers_problems; the
+#     same answers with their keys shifted show the join tells a wrong
+#     holder); no key holds two items; the error log has no [alert], [crit]
+#     or [emerg] but the master's report of the worker we killed;
 #   - a reload while claims are in flight (held at a gate) and waiting in
 #     the old workers: they stay until every one is answered 200, then exit
 #     and close their connections (last section).
+#
+# Nothing waits for a time: each phase waits (AQ::Faults::wait_until,
+# deadlines times AQ::slow()) for the clients' claims to show in the
+# database, for worker processes, for connections in pg_stat_activity,
+# for the status page or the error log.
 use strict;
 use warnings;
 
@@ -46,6 +56,7 @@ my $POOL    = 3;
 my $CLIENTS = 6;          # 0 .. 3 keep-alive, 4 .. 5 a connection per claim
 my $KEYS    = 2500;       # per client (a client that runs out stops)
 my $PAUSE   = 0.005;      # between two claims of a client
+my $STEP    = 200;        # claims the clients make in each phase, at least
 
 my $org   = AQ::org('reload');
 my $queue = AQ::queue($org, 'reload');
@@ -61,12 +72,25 @@ my $port = $ngx->port;
 
 sub phase_log { note sprintf '%.3f %s', time, $_[0] }
 
+# Claims committed so far (each claim takes an item with a fresh key)
+sub claimed {
+    return scalar AQ::Faults::db()->selectrow_array(
+        q{SELECT count(*) FROM annotation_queue.items
+           WHERE queue_id = ? AND status = 'claimed'}, undef, $queue);
+}
+
+# Waits until the clients have made $STEP more claims than $since.
+sub progress {
+    my ($since) = @_;
+    return AQ::Faults::wait_until(20, sub { claimed() >= $since + $STEP });
+}
+
 my $load = AQ::Faults::background($CLIENTS, sub {
     my ($i) = @_;
     my $keep_alive = $i < 4;
     my @mine = @$keys[$i * $KEYS .. ($i + 1) * $KEYS - 1];
     my $c = AQ::Client->new(port => $port, timeout => 10);
-    my %r = (ok => 0, answered => [], broken => [], bad => [], items => {});
+    my %r = (ok => 0, answered => [], broken => [], bad => [], items => []);
     while (!AQ::Faults::stopping()) {
         my $key = shift @mine;
         if (!defined $key) {
@@ -87,7 +111,7 @@ my $load = AQ::Faults::background($CLIENTS, sub {
             push @{ $r{answered} }, time;
             if ($out eq '200 item') {
                 my $d = AQ::Faults::decode($body);
-                $r{items}{ $d->{item}{id} } = $key;
+                push @{ $r{items} }, [$d->{item}{id}, $d->{item}{version}, $key];
             }
         } else {
             push @{ $r{bad} }, sprintf('%.3f %s', time, $out);
@@ -100,7 +124,9 @@ my $load = AQ::Faults::background($CLIENTS, sub {
     return \%r;
 });
 
-sleep 1.5;
+my $started = AQ::Faults::wait_until(10, sub {
+    @{ AQ::Faults::worker_pids($ngx) } == $WORKERS && claimed() >= $STEP });
+ok($started, "the clients claim: $STEP claims committed");
 my $first = AQ::Faults::worker_pids($ngx);
 is(scalar @$first, $WORKERS, "$WORKERS workers at the start");
 my @held = map { AQ::Faults::pg_sockets_of($_) } @$first;
@@ -126,7 +152,7 @@ ok($gone, 'the old workers exit');
 my $old_gone_at = time;
 phase_log('old workers gone');
 
-sleep 1.5;
+ok(progress(claimed()), "the clients claim on: $STEP more claims after the old workers exited");
 my @pooled = map { AQ::Faults::wait_until(5, sub { AQ::Faults::pg_sockets_of($_) }) } @$new;
 ok(@$new && !grep({ !$_ } @pooled),
    'each new worker holds PostgreSQL connections of its own pool')
@@ -149,7 +175,7 @@ ok($respawned, 'the master starts a worker in place of the killed one')
 my ($replacement) = grep { my $p = $_; !grep { $_ == $p } @$new } @$respawned;
 my $respawned_at = time;
 
-sleep 1.5;
+ok(progress(claimed()), "the clients claim on: $STEP more claims after the respawn");
 my $rpool = $replacement
     ? AQ::Faults::wait_until(5, sub { AQ::Faults::pg_sockets_of($replacement) }) : 0;
 ok($rpool, 'the new worker builds its pool') or diag "replacement: " . ($replacement // 'none');
@@ -157,7 +183,6 @@ $fits = AQ::Faults::wait_until(5, sub { AQ::Faults::backends() <= $POOL * $WORKE
 ok($fits, "the killed worker's connections are closed: at most pool_size x workers backends")
     or diag explain AQ::Faults::backend_rows();
 
-sleep 1;
 phase_log('stop');
 my $results = $load->stop;
 
@@ -187,8 +212,11 @@ my @over = grep {
 is(scalar @over, 0, "at most $WORKERS broken connections per client at the reload "
                     . '(one per old worker), one at the kill')
     or diag explain [map { $_->{broken} } @over];
-my @unexplained = grep { !($_->{t} >= $reloaded && $_->{t} < $old_gone_at + 1)
-                         && !($_->{t} >= $killed && $_->{t} < $respawned_at + 1) } @broken;
+# (a client notes the time when it sees the break: a loaded machine may
+# run it a little after the test saw the phase end)
+my $margin = 2 * AQ::slow();
+my @unexplained = grep { !($_->{t} >= $reloaded && $_->{t} < $old_gone_at + $margin)
+                         && !($_->{t} >= $killed && $_->{t} < $respawned_at + $margin) } @broken;
 is_deeply(\@unexplained, [], 'connections broke only around the reload and the kill')
     or diag explain \@unexplained;
 
@@ -203,18 +231,28 @@ my $after_reload = grep { $_ > $old_gone_at && $_ < $killed } @times;
 my $after_kill   = grep { $_ > $respawned_at } @times;
 note "$total claims answered; $after_reload between the old workers' exit and the kill, "
      . "$after_kill after the respawn";
+# (the database saw $STEP claims in each of those phases, each answered
+# after it committed; a client has one claim in flight, so all but a few
+# were answered before the next phase)
 cmp_ok($after_reload, '>', 20, 'claims are answered by the new workers after the old ones exited');
 cmp_ok($after_kill, '>', 20, 'claims are answered after the killed worker was replaced');
 
-my %holder;
-my @twice;
-for my $r (@$results) {
-    while (my ($item, $key) = each %{ $r->{items} || {} }) {
-        push @twice, $item if exists $holder{$item} && $holder{$item} ne $key;
-        $holder{$item} = $key;
-    }
-}
-is_deeply(\@twice, [], 'no item was handed to two keys');
+# Every client's answers, joined with the database.
+my @answers = map { @{ ref $_->{items} eq 'ARRAY' ? $_->{items} : [] } } @$results;
+my @problems = AQ::Faults::answers_problems(\@answers);
+is_deeply(\@problems, [], scalar(@answers) . ' items answered 200: each held by the key that '
+                          . 'claimed it at the version answered, none answered twice')
+    or diag explain [@problems[0 .. ($#problems < 19 ? $#problems : 19)]];
+# The same answers, each with the next one's key: the join must see every
+# one held by another key (else it could not tell answers sent to the
+# wrong key).
+my @shifted = map { [@{ $answers[$_] }[0, 1], $answers[($_ + 1) % @answers][2]] } 0 .. $#answers;
+my $wrong = grep { /held by another key/ } AQ::Faults::answers_problems(\@shifted);
+ok(@answers > 1 && $wrong == @answers,
+   "the join can tell: with each answer given the next one's key, all $wrong are held by another key");
+my @doubled = (@answers, $answers[0] // []);
+ok(grep({ /answered 2 times/ } AQ::Faults::answers_problems(\@doubled)),
+   'the join can tell: an answer counted twice is an item answered twice');
 my ($dup) = AQ::Faults::db()->selectrow_array(
     q{SELECT count(*) FROM (SELECT claimed_by FROM annotation_queue.items
                              WHERE queue_id = ? AND claimed_by IS NOT NULL
@@ -234,17 +272,24 @@ is_deeply($problems, [], 'no [alert], [crit] or [emerg] in the error log but the
 # answer every one of them 200 once the gate opens (nothing dropped, nothing
 # failed for the reload); a claim sent after the reload goes to a new
 # worker; then the old workers exit and their connections close.
+#
+# Each claim is for a queue of its own: claims of one queue that wait would
+# go out together, and the claims in nginx could not be counted; here each
+# is either held at the gate (one per old worker: a pool of one) or on a
+# waiting list (the status page).
 AQ::Faults::install_gate();
 {
     my $what = 'reload with claims in flight';
-    my $q = AQ::queue($org, 'reload-in-flight');
-    AQ::enqueue_many($q, 20);
+    my @q = map { AQ::queue($org, "reload-in-flight-$_") } 0 .. 9;
+    AQ::enqueue_many($_, 2) for @q;
     my @k = @{ AQ::keys_for($org, 10) };
     # the claims wait at the gate while nginx reloads, which takes seconds
     # under valgrind (nginx -s reload runs under it too): their query
-    # timeout must stay far away
+    # timeout must stay far away, and so must the wait of those waiting
+    # for a connection (connect + query timeout)
     my $query_timeout = 10 * AQ::slow();
-    my $n2 = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_");
+    my $sport = AQ::free_port();
+    my $n2 = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_" . AQ::Faults::status_server($sport));
     annotation_queue_pool_size 1;
     annotation_queue_connect_timeout 2s;
     annotation_queue_query_timeout ${query_timeout}s;
@@ -256,13 +301,16 @@ _EOC_
         @$w == $WORKERS ? $w : undef }) || [];
     my $gate = AQ::Faults::close_gate(AQ::Faults::session());
     my @c;
-    for my $key (@k[0 .. 7]) {
+    for my $i (0 .. 7) {
         my $c = AQ::Client->new(port => $n2->port, timeout => 20);
-        $c->send_request(body => qq({"queue_id":"$q"}), key => $key);
-        push @c, [$c, $key];
+        $c->send_request(body => qq({"queue_id":"$q[$i]"}), key => $k[$i]);
+        push @c, [$c, $k[$i]];
     }
-    my $running = AQ::Faults::wait_until(5, sub { AQ::Faults::backends(lock => 1) >= 1 });
-    ok($running, "$what: claims run, held at the gate; the others wait for the connection");
+    my $running = AQ::Faults::wait_until(5, sub {
+        AQ::Faults::backends(lock => 1) + AQ::Faults::pool_state($sport)->{waiting} == 8 });
+    ok($running, "$what: the 8 claims are in nginx: held at the gate, or waiting for the "
+                 . 'connection') or diag explain [AQ::Faults::backend_rows(),
+                                                  AQ::Faults::pool_state($sport)];
     # the old workers with claims in flight are those holding a connection
     # (which worker takes a client connection is the kernel's choice)
     my @busy = grep { AQ::Faults::pg_sockets_of($_) } @$old;
@@ -276,36 +324,50 @@ _EOC_
         my @n = grep { !$was{$_} } @{ AQ::Faults::worker_pids($n2) };
         @n == $WORKERS ? \@n : undef });
     ok($new2, "$what: new workers start");
-    sleep 1;
+    # an old worker has stopped listening once it says it shuts down; it
+    # would exit right after, were its claims not kept in mind
+    my $shutting = AQ::Faults::wait_until(10, sub {
+        !grep { !AQ::Faults::log_count($n2, qr/\[notice\] $_#\d+: gracefully shutting down/) }
+              @$old });
+    ok($shutting, "$what: the old workers shut down");
+    sleep 0.5;    # (their chance to exit too early)
     my @alive = grep { AQ::Faults::alive($_) } @busy;
     ok(@busy && @alive == @busy, "$what: the old workers stay while their claims are in flight");
 
     my $late = AQ::Client->new(port => $n2->port, timeout => 20);
-    $late->send_request(body => qq({"queue_id":"$q"}), key => $k[8]);
+    $late->send_request(body => qq({"queue_id":"$q[8]"}), key => $k[8]);
     push @c, [$late, $k[8]];
-    sleep 0.3;
+    ok(AQ::Faults::wait_until(5, sub { AQ::Faults::backends(lock => 1) == @busy + 1 }),
+       "$what: a claim sent after the reload runs in a new worker, held at the gate")
+        or diag explain AQ::Faults::backend_rows();
 
     AQ::Faults::open_gate($gate);
-    my (@out, @problems);
+    my (@out, @answers);
     for (@c) {
         my ($c, $key) = @$_;
         my $r = $c->read_response;
         my $out = AQ::Faults::outcome($r->{status}, $r->{body}, $r->{error});
         push @out, $out;
-        push @problems, AQ::Faults::claim_problems($key, $r->{body}) if $out eq '200 item';
+        if ($out eq '200 item') {
+            my $it = AQ::Faults::decode($r->{body})->{item};
+            push @answers, [$it->{id}, $it->{version}, $key];
+        }
     }
     is_deeply(\@out, [('200 item') x 9],
               "$what: once the gate opens, every claim in flight in the old workers, and the one "
               . 'sent after the reload, answers 200') or diag explain \@out;
-    is_deeply(\@problems, [], "$what: ... each with an item its key holds");
+    my @problems = AQ::Faults::answers_problems(\@answers);
+    is_deeply(\@problems, [], "$what: ... each with an item its key holds, none answered twice")
+        or diag explain \@problems;
 
     my $gone2 = AQ::Faults::wait_until(10, sub { !grep { AQ::Faults::alive($_) } @$old });
     ok($gone2, "$what: then the old workers exit");
     my $fits2 = AQ::Faults::wait_until(5, sub { AQ::Faults::backends() <= 1 * $WORKERS });
     ok($fits2, "$what: ... and their connections close: at most pool_size x workers backends")
         or diag explain AQ::Faults::backend_rows();
-    my ($st) = AQ::Faults::outcome((AQ::Client->new(port => $n2->port)->claim($q, $k[9]))[0, 2, 3]);
-    is($st, '200 item', "$what: the new workers serve");
+    my ($st, undef, $body) = AQ::Client->new(port => $n2->port)->claim($q[9], $k[9]);
+    is(AQ::Faults::outcome($st, $body), '200 item', "$what: the new workers serve");
+    is_deeply([AQ::Faults::claim_problems($k[9], $body)], [], "$what: ... an item its key holds");
 
     $n2->stop;
     is_deeply(AQ::Faults::log_problems($n2->error_log), [],
