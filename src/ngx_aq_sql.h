@@ -18,48 +18,63 @@
  *
  * k      the live key (unknown, revoked and expired keys give no row);
  * q      the queue, if it belongs to the key's organisation;
- * mine   the item this key holds in the queue, live or expired: at most
- *        one row, one probe of the unique items_holder_idx (a key holds at
- *        most one item per queue; two claims of one key racing make the
- *        second fail with unique_violation, and the pool runs it again,
- *        which then resumes);
- *        items_expiry_idx's predicate asks for a lease, which neither mine
- *        nor mine_expired states as such (coalesce), so that the planner
- *        cannot take that index for them: when the table's statistics say
- *        that few items are claimed, the two partial indexes cost the same
- *        to the planner, and through items_expiry_idx finding the key's
- *        item meant reading every claimed item of the queue;
+ * mine   the item this key holds in the queue, live or expired, read
+ *        without a lock: at most one row, one probe of the unique
+ *        items_holder_idx (a key holds at most one item per queue; two
+ *        claims of one key racing make the second fail with
+ *        unique_violation, and the pool runs it again, which then
+ *        resumes);
  * held   mine, if its lease is live (resume: a refresh or a retried request
- *        gets the same item and version back);
+ *        gets the same item and version back), locked FOR SHARE, with the
+ *        conditions checked again on the row once locked: a claim of
+ *        another key that is taking the item at the instant its lease ends
+ *        holds it FOR UPDATE, so the resume waits for that claim to end,
+ *        then finds the item no longer the key's and claims another; once
+ *        the resume holds it, the other claim skips it.  The old holder
+ *        and a new one are never both told they hold it;
  * mine_expired
  *        mine, if its lease expired unclaimed: claimed again by the key
- *        (locked through the primary key; the conditions are checked again
- *        on the row once locked);
- * available
- *        the head of the queue's available items (items_available_idx);
- * expired_higher, expired_same
- *        an expired item of a higher priority than that head, or of the
- *        same priority (older than the head, it goes first), from
- *        items_expiry_idx (queue, priority desc, lease end); with the
- *        priority an index bound, a claim never walks the expired items of
- *        lower priorities, however many there are;
- * expired
- *        any expired item, for when nothing is available.
- * Candidates are taken with FOR UPDATE SKIP LOCKED so that concurrent
- * claims never wait on or collide over the same row; a CTE is read lazily,
- * so the LIMIT 1 over their union stops at the first that gives a row (the
- * available head is read first, to know its priority, and stays locked
- * for the rest of the transaction when an expired item wins).
+ *        (locked SKIP LOCKED; the conditions are checked again on the row
+ *        once locked);
+ *        items_expiry_idx's predicate asks for a lease, which neither held
+ *        nor mine_expired states as such (coalesce), so that the planner
+ *        cannot take that index for them: when the table's statistics say
+ *        that few items are claimed, it would read every claimed item of
+ *        every queue to find the key's;
+ * walk   the distinct priorities of the queue's claimed items, highest
+ *        first, one index probe each (a skip scan of items_expiry_idx:
+ *        the next lower priority, and the first lease of that priority,
+ *        which says whether any lease of it ended), read without locks
+ *        and lazily: it goes no further down than the first priority that
+ *        gives a candidate.  Each row (hi, lo) is a step of the claim's
+ *        order: the available items of a priority in (lo, hi], then the
+ *        expired items of priority lo (older than the available items of
+ *        their priority, they go first);
+ * next   that order, each step two probes: the available items through
+ *        items_available_idx (queue, priority desc, seq) with the
+ *        priorities as index bounds, the expired ones through
+ *        items_expiry_idx (queue, priority desc, lease end) with the
+ *        priority an equality and the lease an index bound (probed only
+ *        when the walk saw a lease of that priority end).  So a claim
+ *        reads one entry per distinct priority above the item it takes,
+ *        whatever the number of live claims, expired leases and completed
+ *        items; the priorities bound it, not the claims.  Candidates are
+ *        taken with FOR UPDATE SKIP LOCKED as the LIMIT pulls them, so
+ *        only the item the claim takes is locked: concurrent claims never
+ *        wait on or collide over a row, and never skip one that is locked
+ *        but not taken;
  * claimed
  *        the optimistic update: WHERE id = ... AND version = ..., version
  *        incremented; its new value is the claim's token.
  *
  * The result is always one row: key_ok, queue_ok, then the item or NULLs.
  * Every scan filters items by $2 directly, so each is an index range.
+ * Priorities are int4; the walk counts in int8 so that its bounds
+ * (-2147483649 and 2147483647) lie beyond every priority.
  */
 
 #define NGX_AQ_CLAIM_SQL                                                      \
-    "WITH k AS ( "                                                            \
+    "WITH RECURSIVE k AS ( "                                                  \
     "    SELECT id, org_id "                                                  \
     "      FROM annotation_queue.api_keys "                                   \
     "     WHERE key_hash = $1 "                                               \
@@ -71,72 +86,87 @@
     "      FROM annotation_queue.queues q, k "                                \
     "     WHERE q.id = $2 AND q.org_id = k.org_id "                           \
     "), mine AS MATERIALIZED ( "                                              \
-    "    SELECT i.id, i.queue_id, i.payload, i.version, i.claimed_at, "       \
-    "           i.lease_expires_at "                                          \
+    "    SELECT i.id, i.lease_expires_at "                                    \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
     "       AND i.status = 'claimed' "                                        \
     "       AND EXISTS (SELECT 1 FROM q) "                                    \
-    "), held AS ( "                                                           \
-    "    SELECT * "                                                           \
-    "      FROM mine "                                                        \
-    "     WHERE lease_expires_at > now() "                                    \
+    "), held AS MATERIALIZED ( "                                              \
+    "    SELECT i.id, i.queue_id, i.payload, i.version, i.claimed_at, "       \
+    "           i.lease_expires_at "                                          \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.id = (SELECT id FROM mine "                                 \
+    "                    WHERE lease_expires_at > now()) "                    \
+    "       AND i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
+    "       AND i.status = 'claimed' "                                        \
+    "       AND coalesce(i.lease_expires_at, '-infinity') > now() "           \
+    "       FOR SHARE "                                                       \
     "), mine_expired AS MATERIALIZED ( "                                      \
     "    SELECT i.id, i.version "                                             \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.id = (SELECT id FROM mine "                                 \
-    "                    WHERE lease_expires_at <= now() LIMIT 1) "           \
-    "       AND i.claimed_by = (SELECT id FROM k) AND i.status = 'claimed' "  \
+    "                    WHERE lease_expires_at <= now()) "                   \
+    "       AND i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
+    "       AND i.status = 'claimed' "                                        \
     "       AND coalesce(i.lease_expires_at, 'infinity') <= now() "           \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     "       FOR UPDATE SKIP LOCKED "                                          \
-    "), available AS MATERIALIZED ( "                                         \
-    "    SELECT i.id, i.version, i.priority "                                 \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'available' "                  \
-    "       AND EXISTS (SELECT 1 FROM q) "                                    \
+    "), walk (hi, lo, since) AS ( "                                           \
+    "    SELECT 2147483647::int8, coalesce(e.priority, -2147483649), "        \
+    "           e.since "                                                     \
+    "      FROM (SELECT 1) AS one "                                           \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "                                         \
+    "     WHERE EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     ORDER BY i.priority DESC, i.seq "                                   \
+    "    UNION ALL "                                                          \
+    "    SELECT w.lo, coalesce(e.priority, -2147483649), e.since "            \
+    "      FROM walk w "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "           AND i.priority < w.lo "                                       \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "                                         \
+    "     WHERE w.lo >= -2147483648 "                                         \
+    "), next AS MATERIALIZED ( "                                              \
+    "    SELECT coalesce(a.id, e.id) AS id, "                                 \
+    "           coalesce(a.version, e.version) AS version "                   \
+    "      FROM walk w "                                                      \
+    "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 1 "                                              \
+    "           AND i.queue_id = $2 AND i.status = 'available' "              \
+    "           AND i.priority <= w.hi AND i.priority > w.lo "                \
+    "         ORDER BY i.priority DESC, i.seq "                               \
+    "         LIMIT 1 "                                                       \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) a ON true "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 2 AND w.since <= now() "                         \
+    "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
+    "         ORDER BY i.lease_expires_at "                                   \
+    "         LIMIT 1 "                                                       \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) e ON true "                                                      \
+    "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
     "     LIMIT 1 "                                                           \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), expired_higher AS MATERIALIZED ( "                                    \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.priority > (SELECT priority FROM available) "               \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
-    "     LIMIT 1 "                                                           \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), expired_same AS MATERIALIZED ( "                                      \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.priority = (SELECT priority FROM available) "               \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
-    "     LIMIT 1 "                                                           \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), expired AS MATERIALIZED ( "                                           \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "       AND EXISTS (SELECT 1 FROM q) "                                    \
-    "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
-    "     LIMIT 1 "                                                           \
-    "       FOR UPDATE SKIP LOCKED "                                          \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
-    "    SELECT * FROM expired_higher "                                       \
-    "    UNION ALL "                                                          \
-    "    SELECT * FROM expired_same "                                         \
-    "    UNION ALL "                                                          \
-    "    SELECT id, version FROM available "                                  \
-    "    UNION ALL "                                                          \
-    "    SELECT * FROM expired "                                              \
+    "    SELECT * FROM next "                                                 \
     "    LIMIT 1 "                                                            \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
@@ -175,17 +205,19 @@
  *   $3 int8    lease in milliseconds for queues without their own lease
  *
  * One row per digest, in their order, with the single claim's columns.
- * Each key is checked, a key holding a live claim gets it back, and a key
- * given twice gets one item.  Items are taken in the single claim's order:
- * expired items of a higher priority than the available head, then of the
- * same priority, then the available ones.  A request it leaves without an
- * item (the queue ran dry here, or only expired leases of lower priorities
- * remain, or the key's own lease expired) runs the single claim, which
- * knows all of that, before it may answer 409.
+ * Each key is checked, a key holding a live claim gets it back (locked FOR
+ * SHARE, as in the single claim, but SKIP LOCKED: a batch never waits),
+ * and a key given twice gets one item.  The keys that need an item take,
+ * in their order, the first items of the single claim's order (walk and
+ * next, limited to their number): exactly what successive single claims
+ * would hand out, and only those rows are locked.  A request it leaves
+ * without an item (the queue ran dry here, the key's own lease expired, or
+ * its held item was locked) runs the single claim, which knows all of
+ * that, before it may answer 409.
  */
 
 #define NGX_AQ_CLAIM_BATCH_SQL                                                \
-    "WITH req AS ( "                                                          \
+    "WITH RECURSIVE req AS ( "                                                \
     "    SELECT r.ord, decode(r.hex, 'hex') AS digest "                       \
     "      FROM unnest($1::text[]) WITH ORDINALITY AS r(hex, ord) "           \
     "), k AS ( "                                                              \
@@ -203,53 +235,81 @@
     "    SELECT k.ord, k.id AS key_id "                                       \
     "      FROM k, q "                                                        \
     "     WHERE q.org_id = k.org_id "                                         \
-    "), held AS ( "                                                           \
-    "    SELECT i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "        \
-    "           i.version, i.claimed_at, i.lease_expires_at "                 \
+    "), mine AS MATERIALIZED ( "                                              \
+    "    SELECT i.claimed_by AS key_id, i.id, i.lease_expires_at "            \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.claimed_by = ANY (ARRAY(SELECT key_id FROM kq)) "           \
     "       AND i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "), need AS ( "                                                           \
+    "), held AS MATERIALIZED ( "                                              \
+    "    SELECT i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "        \
+    "           i.version, i.claimed_at, i.lease_expires_at "                 \
+    "      FROM annotation_queue.items i "                                    \
+    "     WHERE i.id = ANY (ARRAY(SELECT id FROM mine "                       \
+    "                              WHERE lease_expires_at > now())) "         \
+    "       AND i.claimed_by = ANY (ARRAY(SELECT key_id FROM mine "           \
+    "                                      WHERE lease_expires_at > now())) " \
+    "       AND i.queue_id = $2 AND i.status = 'claimed' "                    \
+    "       AND coalesce(i.lease_expires_at, '-infinity') > now() "           \
+    "       FOR SHARE SKIP LOCKED "                                           \
+    "), need AS MATERIALIZED ( "                                              \
     "    SELECT kq.key_id, row_number() OVER (ORDER BY min(kq.ord)) AS n "    \
     "      FROM kq "                                                          \
-    "     WHERE kq.key_id NOT IN (SELECT key_id FROM held) "                  \
+    "     WHERE kq.key_id NOT IN (SELECT key_id FROM mine) "                  \
     "     GROUP BY kq.key_id "                                                \
-    "), avail AS MATERIALIZED ( "                                             \
-    "    SELECT i.id, i.version, i.priority "                                 \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'available' "                  \
-    "     ORDER BY i.priority DESC, i.seq "                                   \
+    "), walk (hi, lo, since) AS ( "                                           \
+    "    SELECT 2147483647::int8, coalesce(e.priority, -2147483649), "        \
+    "           e.since "                                                     \
+    "      FROM (SELECT 1) AS one "                                           \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "                                         \
+    "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
+    "    UNION ALL "                                                          \
+    "    SELECT w.lo, coalesce(e.priority, -2147483649), e.since "            \
+    "      FROM walk w "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "           AND i.priority < w.lo "                                       \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "                                         \
+    "     WHERE w.lo >= -2147483648 "                                         \
+    "), next AS MATERIALIZED ( "                                              \
+    "    SELECT coalesce(a.id, e.id) AS id, "                                 \
+    "           coalesce(a.version, e.version) AS version "                   \
+    "      FROM walk w "                                                      \
+    "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 1 "                                              \
+    "           AND i.queue_id = $2 AND i.status = 'available' "              \
+    "           AND i.priority <= w.hi AND i.priority > w.lo "                \
+    "         ORDER BY i.priority DESC, i.seq "                               \
+    "         LIMIT (SELECT count(*) FROM need) "                             \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) a ON true "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 2 AND w.since <= now() "                         \
+    "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
+    "         ORDER BY i.lease_expires_at "                                   \
+    "         LIMIT (SELECT count(*) FROM need) "                             \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) e ON true "                                                      \
+    "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
     "     LIMIT (SELECT count(*) FROM need) "                                 \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), expired_higher AS MATERIALIZED ( "                                    \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.priority > (SELECT max(priority) FROM avail) "              \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
-    "     LIMIT (SELECT count(*) FROM need) "                                 \
-    "       FOR UPDATE SKIP LOCKED "                                          \
-    "), expired_same AS MATERIALIZED ( "                                      \
-    "    SELECT i.id, i.version "                                             \
-    "      FROM annotation_queue.items i "                                    \
-    "     WHERE i.queue_id = $2 AND i.status = 'claimed' "                    \
-    "       AND i.priority = (SELECT max(priority) FROM avail) "              \
-    "       AND i.lease_expires_at <= now() "                                 \
-    "     ORDER BY i.priority DESC, i.lease_expires_at "                      \
-    "     LIMIT (SELECT count(*) FROM need) "                                 \
-    "       FOR UPDATE SKIP LOCKED "                                          \
     "), cand AS MATERIALIZED ( "                                              \
-    "    SELECT c.id, c.version, "                                            \
-    "           row_number() OVER (ORDER BY c.g, c.o) AS n "                  \
-    "      FROM (SELECT id, version, 1 AS g, row_number() OVER () AS o "      \
-    "              FROM expired_higher "                                      \
-    "            UNION ALL "                                                  \
-    "            SELECT id, version, 2, row_number() OVER () "                \
-    "              FROM expired_same "                                        \
-    "            UNION ALL "                                                  \
-    "            SELECT id, version, 3, row_number() OVER () "                \
-    "              FROM avail) AS c "                                         \
+    "    SELECT id, version, row_number() OVER () AS n "                      \
+    "      FROM next "                                                        \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
     "       SET status = 'claimed', claimed_by = need.key_id, "               \
@@ -265,7 +325,7 @@
     "), got AS ( "                                                            \
     "    SELECT * FROM claimed "                                              \
     "    UNION ALL "                                                          \
-    "    SELECT * FROM held WHERE lease_expires_at > now() "                  \
+    "    SELECT * FROM held "                                                 \
     ") "                                                                      \
     "SELECT k.id IS NOT NULL, kq.key_id IS NOT NULL, "                        \
     "       got.id, got.queue_id, got.payload::text, got.version, "           \

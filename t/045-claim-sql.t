@@ -2,20 +2,28 @@
 # exactly as the module prepares them (bench/claim-sql.pl reads them).
 #
 # The batch (NGX_AQ_CLAIM_BATCH_SQL, what a connection sends for up to 16
-# waiting claims of one queue): its order is the single claim's (expired
-# items of a higher priority than the available head, then of the same
-# priority, then the available items), each key checked, a held item given
-# back, a key given twice one item, and nothing taken that the single claim
-# would not take first.  Through nginx, batches only form when every
-# connection is busy (t/110-slow.t and t/120-abort.t make them).
+# waiting claims of one queue): its order is the single claim's (by
+# priority, and within a priority the expired items, oldest lease first,
+# before the available ones), each key checked, a held item given back, a
+# key given twice one item: it hands out what successive single claims
+# would, expired items included when nothing is available.  Through nginx,
+# batches only form when every connection is busy (t/047-claim-semantics.t,
+# t/110-slow.t and t/120-abort.t make them).
+#
+# Locks: a claim (single or batch) locks only the rows it takes; another
+# session can take every other row with SKIP LOCKED while it is open.
 #
 # The plans of both statements: every read of items an index range of the
-# index made for it, whatever the statistics say.
+# index made for it, whatever the statistics say.  Their cost: in a queue
+# with 50,000 live claims above the available head's priority, expired
+# leases below it and many completed items, each statement reads fewer than
+# 100 buffers (EXPLAIN (ANALYZE, BUFFERS)), as on a fresh queue.
 use strict;
 use warnings;
 
 use lib 't/lib';
 use AQ;
+use JSON::PP ();
 use Test::More;
 
 my $sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_BATCH_SQL`;
@@ -105,13 +113,97 @@ is_deeply([map { [label($_->[0]), $_->[1]] } @$rows],
 is(AQ::item('b-exp-low')->{status}, 'claimed', 'the expired item of a lower priority was left');
 is(AQ::item('b-exp-low')->{version}, 1, '... untouched (version 1)');
 
-# --- nothing available: the batch leaves expired items to the single claim --
+# --- nothing available: expired items, in the single claim's order ---------
 my $dry = AQ::queue($org, 'batch-dry');
-AQ::enqueue($dry, 'd-exp', '{"d": 1}', 0);
-expired_since(5, 'd-exp');
-is_deeply(batch($dry, qw(k1 k2)), [[1, 1, undef, undef], [1, 1, undef, undef]],
-          'with nothing available, no item: each claim runs the single claim next');
-is(AQ::item('d-exp')->{version}, 1, '... which takes the expired item (untouched here)');
+AQ::enqueue($dry, 'd-exp-0', '{"d": 0}', 0);
+AQ::enqueue($dry, 'd-exp-3', '{"d": 3}', 3);
+AQ::enqueue($dry, 'd-exp-0-old', '{"d": "0-old"}', 0);
+$label_of{ AQ::item_id($_) } = $_ for qw(d-exp-0 d-exp-3 d-exp-0-old);
+expired_since(5, 'd-exp-0', 'd-exp-3');
+expired_since(50, 'd-exp-0-old');
+my @fresh = map { "dry-$_" } 1 .. 4;
+$key{$_} = AQ::key($org, rater => $_) for @fresh;
+is_deeply(batch($dry, @fresh),
+          [[1, 1, 'd-exp-3', 2],          # the highest priority first
+           [1, 1, 'd-exp-0-old', 2],      # then the lease that ended first
+           [1, 1, 'd-exp-0', 2],
+           [1, 1, undef, undef]],         # the queue ran dry: the single claim next
+          'with nothing available, the batch takes the expired items in the single '
+          . 'claim\'s order: priority, then the lease that ended first');
+
+# --- the priority inversion of a batch --------------------------------------
+# Available items of priorities 2 and 0, an expired item of priority 1:
+# successive single claims give 2, then 1 (the expired item goes before the
+# available items of lower priorities), and so must a batch.
+my $single_sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL`;
+my $single_sth = $dbh->prepare($single_sql);
+sub single {
+    my ($queue, $name) = @_;
+    $single_sth->execute('\\x' . digest($key{$name}), $queue, $LEASE_MS);
+    my $r = $single_sth->fetchrow_arrayref;
+    $single_sth->finish;
+    return label($r->[2]);
+}
+my %inv;
+for my $how (qw(single batch)) {
+    my $iq = $inv{$how} = AQ::queue($org, "inversion-$how");
+    AQ::enqueue($iq, "$how-avail-2", '{"p": 2}', 2);
+    AQ::enqueue($iq, "$how-avail-0", '{"p": 0}', 0);
+    AQ::enqueue($iq, "$how-exp-1", '{"p": 1}', 1);
+    $label_of{ AQ::item_id($_) } = $_ for map { "$how-$_" } qw(avail-2 avail-0 exp-1);
+    expired_since(5, "$how-exp-1");
+    $key{"$how-$_"} = AQ::key($org, rater => "inv-$how-$_") for 1 .. 2;
+}
+is_deeply([single($inv{single}, 'single-1'), single($inv{single}, 'single-2')],
+          ['single-avail-2', 'single-exp-1'],
+          'inversion, control: successive single claims give priority 2, then the '
+          . 'expired item of priority 1');
+is_deeply([map { $_->[2] } @{ batch($inv{batch}, 'batch-1', 'batch-2') }],
+          ['batch-avail-2', 'batch-exp-1'],
+          'inversion: a batch of two gives priority 2, then the expired item of '
+          . 'priority 1 (not the available item of priority 0)');
+is(AQ::item('batch-avail-0')->{status}, 'available', '... and leaves priority 0 available');
+
+# --- locks: a claim locks only the rows it takes ----------------------------
+# While the claiming transaction is open, another session takes every row
+# it can with SKIP LOCKED: what it cannot take is what the claim locked.
+my $session = AQ::new_session();
+sub locked_by {
+    my ($queue, $run) = @_;
+    $dbh->begin_work;
+    my @took = $run->();
+    my $free = $session->selectcol_arrayref(
+        q{SELECT id FROM annotation_queue.items WHERE queue_id = ?
+              AND status <> 'completed' FOR UPDATE SKIP LOCKED}, undef, $queue);
+    my $all = $dbh->selectcol_arrayref(
+        q{SELECT id FROM annotation_queue.items WHERE queue_id = ?
+              AND status <> 'completed'}, undef, $queue);
+    $dbh->rollback;
+    my %free = map { $_ => 1 } @$free;
+    return { took => [sort @took], locked => [sort map { label($_) } grep { !$free{$_} } @$all] };
+}
+for my $case (['expired above the head', 3, 0], ['expired at the head\'s priority', 0, 0],
+              ['expired below the head', 0, 3]) {
+    my ($what, $pe, $pa) = @$case;
+    (my $tag = $what) =~ s/\W+/-/g;
+    my $lq = AQ::queue($org, "locks-$tag");
+    AQ::enqueue($lq, "$tag-avail", '{"l": "avail"}', $pa);
+    AQ::enqueue($lq, "$tag-avail-2", '{"l": "avail-2"}', $pa);
+    AQ::enqueue($lq, "$tag-exp", '{"l": "exp"}', $pe);
+    AQ::enqueue($lq, "$tag-exp-2", '{"l": "exp-2"}', $pe);
+    $label_of{ AQ::item_id($_) } = $_ for map { "$tag-$_" } qw(avail avail-2 exp exp-2);
+    expired_since(10, "$tag-exp");
+    expired_since(5, "$tag-exp-2");
+    $key{"locks-$tag-$_"} = AQ::key($org, rater => "locks-$tag-$_") for 1 .. 3;
+    my $first = $pe >= $pa ? "$tag-exp" : "$tag-avail";
+    my $second = $pe >= $pa ? "$tag-exp-2" : "$tag-avail-2";
+    is_deeply(locked_by($lq, sub { single($lq, "locks-$tag-1") }),
+              { took => [$first], locked => [$first] },
+              "locks, $what: the single claim locks the one row it takes");
+    is_deeply(locked_by($lq, sub { map { $_->[2] } @{ batch($lq, "locks-$tag-2", "locks-$tag-3") } }),
+              { took => [sort $first, $second], locked => [sort $first, $second] },
+              "locks, $what: a batch of two locks the two rows it takes");
+}
 
 # --- plans: each lookup through the index made for it --------------------
 #
@@ -119,9 +211,10 @@ is(AQ::item('d-exp')->{version}, 1, '... which takes the expired item (untouched
 # ends up with) and custom, right after ANALYZE of a table of 50,000 items
 # where nothing is claimed (the statistics under which the planner once weighed
 # items_expiry_idx and items_holder_idx the same and found a key's own item
-# by reading every claimed item of the queue): items_expiry_idx is only
-# used with a lease end in its index condition, items_holder_idx only with
-# claimed_by in it, and items is never read in full.
+# by reading every claimed item): items_expiry_idx and items_available_idx
+# are only used with the queue in their index condition and never to find a
+# key's item (no claimed_by among their filters), items_holder_idx only with
+# claimed_by in its index condition, and items is never read in full.
 $dbh->do('UPDATE annotation_queue.items SET status = ?, claimed_by = NULL, '
          . 'claimed_at = NULL, lease_expires_at = NULL WHERE status = ?',
          undef, 'available', 'claimed');
@@ -130,41 +223,117 @@ $dbh->do(q{INSERT INTO annotation_queue.items (queue_id, payload)
            SELECT ?, jsonb_build_object('n', g) FROM generate_series(1, 50000) AS g},
          undef, $plan_q);
 $dbh->do('VACUUM ANALYZE annotation_queue.items');
-my $single = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_SQL`;
-$dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single");
+$dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single_sql");
 $dbh->do("PREPARE plan_batch (text[], uuid, int8) AS $sql");
-my $digests = '{' . join(',', map { digest($key{$_}) } qw(k1 k2)) . '}';
+my @plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'k3'],
+                  ['batch', 'EXECUTE plan_batch (?, ?, 900000)', 'k1', 'k2']);
+sub plan_arg {
+    my ($stmt) = @_;
+    my @names = @$stmt[2 .. $#$stmt];
+    return $stmt->[0] eq 'single' ? digest($key{ $names[0] })
+                                  : '{' . join(',', map { digest($key{$_}) } @names) . '}';
+}
 for my $mode (qw(force_generic_plan force_custom_plan)) {
     $dbh->do("SET plan_cache_mode = $mode");
-    for my $stmt (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)',
-                   digest($key{k3})],
-                  ['batch', 'EXECUTE plan_batch (?, ?, 900000)', $digests]) {
-        my ($name, $exec, $arg) = @$stmt;
-        my $lines = $dbh->selectcol_arrayref("EXPLAIN (COSTS OFF) $exec", undef,
-                                             $arg, $plan_q);
-        my (@bad, $scan);
+    for my $stmt (@plan_stmts) {
+        my $name = $stmt->[0];
+        my $lines = $dbh->selectcol_arrayref("EXPLAIN (COSTS OFF) $stmt->[1]", undef,
+                                             plan_arg($stmt), $plan_q);
+        my (@bad, $scan, $cond);
+        my $done = sub {
+            return unless $scan;
+            push @bad, "$scan without an index condition" unless defined $cond;
+            push @bad, "$scan: $cond"
+                if defined $cond
+                   && (($scan eq 'items_holder_idx' && $cond !~ /claimed_by/)
+                       || ($scan ne 'items_holder_idx' && $scan ne 'items_pkey'
+                           && $cond !~ /queue_id = /));
+            $scan = $cond = undef;
+        };
         for my $l (@$lines) {
-            if ($l =~ /Seq Scan on items/) {
-                push @bad, $l;
-            }
+            push @bad, $l if $l =~ /Seq Scan on items/;
             if ($l =~ /Index (?:Only )?Scan using (items_\w+)/) {
+                $done->();
                 $scan = $1;
-                push @bad, "$l (no index condition)"
-                    if $scan =~ /^items_(?:expiry|holder)_idx$/;
                 next;
             }
-            next unless $scan && $l =~ /Index Cond: (.*)/;
-            my $cond = $1;
-            if ($scan eq 'items_expiry_idx' || $scan eq 'items_holder_idx') {
-                pop @bad;
-                push @bad, "$scan: $cond"
-                    if ($scan eq 'items_expiry_idx' && $cond !~ /lease_expires_at/)
-                    || ($scan eq 'items_holder_idx' && $cond !~ /claimed_by/);
+            next unless $scan;
+            if ($l =~ /Index Cond: (.*)/) {
+                $cond = $1;
+            } elsif ($l =~ /Filter: (.*)/) {
+                push @bad, "$scan filters on $1" if $scan ne 'items_holder_idx'
+                                                   && $scan ne 'items_pkey'
+                                                   && $1 =~ /claimed_by/;
+                $done->();
+            } elsif ($l !~ /^\s+(?:Index Cond|Filter|Heap Fetches)/) {
+                $done->();
             }
-            $scan = undef;
         }
+        $done->();
         is_deeply(\@bad, [], "$name claim, $mode: every items scan is an index range "
                              . 'of the index made for it') or diag join "\n", @$lines;
+    }
+}
+
+# --- cost: bounded whatever the queue's state --------------------------------
+#
+# A queue in a state real queues reach: 50,000 live claims at priorities 1
+# to 5 (each lease its own), available items at priority 0 (the head) and
+# -2, 10,000 expired leases at priority -1 and 50,000 completed items.  A
+# claim with a range on the priority above the head reads every live claim
+# (the lease only a filter): hundreds of buffers.  Each statement, both
+# plans, must read fewer than 100 (shared hit + read, EXPLAIN (ANALYZE,
+# BUFFERS) of the whole statement, the claim's update included) and take
+# the head; a batch, 50 more for each further claim it makes (its update
+# and its key).  Run in a transaction rolled back, so each sees the same
+# state.
+my $dirty = AQ::queue($org, 'dirty');
+$dbh->do(q{INSERT INTO annotation_queue.items
+               (queue_id, payload, priority, status, claimed_by, claimed_at,
+                lease_expires_at, version, attempts)
+           SELECT ?, jsonb_build_object('live', g), 1 + g % 5, 'claimed',
+                  gen_random_uuid(), now(),
+                  now() + interval '1 hour' + g * interval '1 millisecond', 1, 1
+             FROM generate_series(1, 50000) AS g}, undef, $dirty);
+$dbh->do(q{INSERT INTO annotation_queue.items
+               (queue_id, payload, priority, status, claimed_by, claimed_at,
+                lease_expires_at, version, attempts)
+           SELECT ?, jsonb_build_object('expired', g), -1, 'claimed',
+                  gen_random_uuid(), now() - interval '2 hours',
+                  now() - interval '1 hour' + g * interval '1 millisecond', 1, 1
+             FROM generate_series(1, 10000) AS g}, undef, $dirty);
+$dbh->do(q{INSERT INTO annotation_queue.items
+               (queue_id, payload, priority, status, version, attempts, completed_at)
+           SELECT ?, jsonb_build_object('done', g), g % 10, 'completed', 2, 1, now()
+             FROM generate_series(1, 50000) AS g}, undef, $dirty);
+my $head = AQ::enqueue($dirty, 'dirty-head', '{"dirty": "head"}', 0);
+$label_of{$head} = 'dirty-head';
+AQ::enqueue($dirty, undef, '{"dirty": 0}', 0) for 1 .. 20;
+AQ::enqueue($dirty, undef, '{"dirty": -2}', -2) for 1 .. 5;
+$dbh->do('VACUUM ANALYZE annotation_queue.items');
+$key{$_} = AQ::key($org, rater => $_) for qw(dirty-1 dirty-2 dirty-3);
+@plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
+               ['batch of one', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-1'],
+               ['batch of two', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-2', 'dirty-3']);
+for my $mode (qw(force_generic_plan force_custom_plan)) {
+    $dbh->do("SET plan_cache_mode = $mode");
+    for my $stmt (@plan_stmts) {
+        my $name = $stmt->[0];
+        $dbh->begin_work;
+        my $json = $dbh->selectrow_array("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) $stmt->[1]",
+                                         undef, plan_arg($stmt), $dirty);
+        my $took = $dbh->selectcol_arrayref(
+            q{SELECT i.id FROM annotation_queue.items i
+                JOIN annotation_queue.api_keys k ON k.id = i.claimed_by
+               WHERE i.queue_id = ? AND k.rater = ?}, undef, $dirty, $stmt->[2]);
+        $dbh->rollback;
+        my $plan = JSON::PP->new->decode($json)->[0]{Plan};
+        my $buffers = $plan->{'Shared Hit Blocks'} + $plan->{'Shared Read Blocks'};
+        my $bound = 100 + 50 * ($#$stmt - 2);
+        cmp_ok($buffers, '<', $bound, "dirty queue, $name claim, $mode: fewer than $bound "
+                                      . "buffers (read $buffers)");
+        is_deeply([map { label($_) } @$took], ['dirty-head'],
+                  "dirty queue, $name claim, $mode: ... and it takes the head");
     }
 }
 
