@@ -17,7 +17,8 @@ need_root() {
 pkgs=(build-essential nginx nginx-dev libpq-dev libjansson-dev libssl-dev
       postgresql-15 postgresql-contrib libdbd-pg-perl libjson-pp-perl
       libipc-run-perl libtext-diff-perl libtest-longstring-perl
-      liblist-moreutils-perl libtest-base-perl curl)
+      liblist-moreutils-perl libtest-base-perl curl
+      libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl)
 
 missing=()
 for p in "${pkgs[@]}"; do
