@@ -53,6 +53,7 @@ static void ngx_aq_limit_rbtree_insert(ngx_rbtree_node_t *temp,
 static void ngx_aq_limit_expire(ngx_aq_limit_zone_t *zone, ngx_uint_t n);
 static ngx_int_t ngx_aq_limit_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
+static time_t ngx_aq_limit_seconds(ngx_uint_t excess, ngx_uint_t rate);
 
 
 /*
@@ -113,8 +114,8 @@ ngx_aq_limit_check(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
         /* refused: the bucket keeps its level, less what leaked */
 
         ctx->limit_remaining = 0;
-        ctx->limit_reset = (time_t) (((excess - alcf->limit_burst)
-                                      * 1000 / zone->rate + 999) / 1000);
+        ctx->limit_reset = ngx_aq_limit_seconds(excess - alcf->limit_burst,
+                                                zone->rate);
 
         ngx_shmtx_unlock(&zone->shpool->mutex);
 
@@ -134,9 +135,23 @@ ngx_aq_limit_check(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
     ctx->limit_remaining = (alcf->limit_burst - excess) / 1000;
-    ctx->limit_reset = (time_t) ((excess * 1000 / zone->rate + 999) / 1000);
+    ctx->limit_reset = ngx_aq_limit_seconds(excess, zone->rate);
 
     return NGX_OK;
+}
+
+
+/*
+ * The whole seconds it takes an excess (1/1000 of a request) to leak at a
+ * rate (1/1000 of a request per second), rounded up once: a client that
+ * waits them finds the excess gone.  Rounding to milliseconds first, down,
+ * could make it a second short (3001 at 3r/s: 1000 ms, then 1 s).
+ */
+
+static time_t
+ngx_aq_limit_seconds(ngx_uint_t excess, ngx_uint_t rate)
+{
+    return (time_t) ((excess + rate - 1) / rate);
 }
 
 
@@ -622,7 +637,7 @@ ngx_aq_limit_headers(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
     zone = alcf->limit_zone->data;
 
     quota = alcf->limit_burst / 1000 + 1;
-    window = (time_t) ((quota * 1000 * 1000 / zone->rate + 999) / 1000);
+    window = ngx_aq_limit_seconds(quota * 1000, zone->rate);
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {

@@ -5,13 +5,16 @@
 # creates its bucket and is not counted; each later one adds a request to a
 # leaky bucket of burst + 1 (limit_req's semantics), so burst + 1 requests
 # pass at once, then 429 rate_limited with Retry-After, RateLimit-Policy
-# and RateLimit.  The rate here is 6r/m (a request leaks every 10 s), slow
-# enough that nothing leaks while a block runs; AQ::slow() times slower
-# under valgrind, down to 1r/m, the slowest rate a zone has.
+# and RateLimit.  The rate here is 1r/m (a request leaks every minute), the
+# slowest a zone has, so that nothing leaks while a block runs, however slow
+# the machine (valgrind included): what these blocks count never depends on
+# how fast they run.
 #
 # The standalone parts (before run_tests) need what Test::Nginx cannot do:
-# thousands of requests on kept-alive connections, two workers and parallel
-# clients.
+# thousands of requests on kept-alive connections, two workers, parallel
+# clients, and waiting what Retry-After says: there the rates are fast
+# (r/s, and r/m of a few seconds) and AQ::slow() times slower under
+# valgrind, and nothing waits for less than Retry-After.
 use strict;
 use warnings;
 
@@ -19,6 +22,7 @@ use lib 't/lib';
 use AQ;
 use AQ::Workflow;
 use JSON::PP ();
+use Time::HiRes ();
 use Test::Nginx::Socket 'no_plan';
 
 our $org = AQ::org('limit');
@@ -32,15 +36,23 @@ for my $name (qw(burst two forged nested endpoints)) {
 }
 our $unknown_item = AQ::random_uuid();
 
-# The zones' rate in requests per minute (6, or 1 under valgrind), and what
-# the module derives from it: its rate in 1/1000 of a request per second,
-# the seconds a bucket of burst=3 takes to drain (RateLimit-Policy's w) and
-# the longest Retry-After (one request to leak).
-our $PER_MIN = int(6 / AQ::slow()) || 1;
+# The zones' rate in requests per minute, and what the module derives from
+# it: its rate in 1/1000 of a request per second, the seconds a bucket of
+# burst=3 takes to drain (RateLimit-Policy's w) and the longest Retry-After
+# (one request to leak).
+our $PER_MIN = 1;
 our $RATE    = "${PER_MIN}r/m";
 my $milli    = int($PER_MIN * 1000 / 60);
-our $WINDOW  = int((int(4 * 1000 * 1000 / $milli) + 999) / 1000);
-our $RETRY   = '(?:' . join('|', 1 .. int((int(1000 * 1000 / $milli) + 999) / 1000)) . ')';
+our $WINDOW  = window(4, $milli);
+our $RETRY   = '(?:' . join('|', 1 .. window(1, $milli)) . ')';
+
+# Seconds for $n requests to leak at $milli thousandths of a request per
+# second, rounded up.
+sub window {
+    my ($n, $milli) = @_;
+    my $ms = int(($n * 1000 * 1000 + $milli - 1) / $milli);
+    return int(($ms + 999) / 1000);
+}
 
 # Well-formed keys (valid checksum) that the database does not know.
 sub forged { return map { AQ::well_formed_key() } 1 .. $_[0] }
@@ -144,6 +156,102 @@ sub error_code_of {
     $ngx->stop;
     my @bad = grep { /\[(?:alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;
     is_deeply(\@bad, [], "$what: no [alert], [crit] or [emerg] in the error log");
+}
+
+# ---------------------------------------------------------------------------
+# A key over its rate recovers after Retry-After, with a rate in r/s and one
+# in r/m: its first request creates its bucket; then requests until one gets
+# 429 (burst=1: the third, unless a request leaked meanwhile); the client
+# waits what Retry-After says, no more, and its next request is served.
+# Twice each.  The rates: 2r/s, and 30r/m (a request leaks in 2 s, so that
+# a Retry-After short by a second fails), AQ::slow() times slower under
+# valgrind (1r/s and 3r/m; the Retry-After to wait grows with them).
+{
+    my $what = 'recovery';
+    my $rs = (int(2 / AQ::slow()) || 1) . 'r/s';
+    my $rm = (int(30 / AQ::slow()) || 1) . 'r/m';
+    my %zone = (rs => $rs, rm => $rm);
+    my $server = '';
+    for my $z (sort keys %zone) {
+        $server .= "        location = /$z/queue {\n"
+                 . "            annotation_queue_limit zone=$z burst=1;\n"
+                 . "            annotation_queue_claim;\n"
+                 . "        }\n";
+    }
+    my ($ngx, $port) = AQ::Workflow::start_nginx(workers => 2,
+        http => join('', map { "    annotation_queue_limit_zone zone=$_:1m rate=$zone{$_};\n" }
+                             sort keys %zone),
+        server => $server);
+
+    for my $z (sort keys %zone) {
+        my ($n, $unit) = $zone{$z} =~ /^(\d+)r\/([sm])$/;
+        my $milli = int($n * 1000 / ($unit eq 's' ? 1 : 60));
+        my $w = window(2, $milli);
+        my $policy = qq("$z";q=2;w=$w);
+        my $queue = AQ::Workflow::queue($org, "recovery-$z");
+        AQ::Workflow::enqueue($queue, "recovery-$z-1");
+        my $key = AQ::Workflow::key($org, "recovery-$z");
+        my $c = AQ::Client->new(port => $port);
+        my $claim = sub {
+            my ($st, $h, $b, $err) = $c->request(uri => "/$z/queue", key => $key,
+                                                 body => qq({"queue_id":"$queue"}));
+            return { status => $st, headers => $h, body => $b, error => $err };
+        };
+        my (@bad, @waited);
+        my $first = $claim->();
+        push @bad, "first request: $first->{status}" unless $first->{status} == 200;
+        for my $round (1 .. 2) {
+            my ($limited, @passed);
+            for (1 .. 20) {
+                my $r = $claim->();
+                if ($r->{status} == 429) {
+                    $limited = $r;
+                    last;
+                }
+                push @passed, $r->{status};
+                push @bad, "round $round: a request answered $r->{status}"
+                    unless $r->{status} == 200;
+                push @bad, "round $round: a 200 with RateLimit-Policy "
+                           . ($r->{headers}{'ratelimit-policy'} // 'none')
+                    unless ($r->{headers}{'ratelimit-policy'} // '') eq $policy;
+            }
+            if (!$limited) {
+                push @bad, "round $round: no 429 in 20 requests (@passed)";
+                last;
+            }
+            my $h = $limited->{headers};
+            push @bad, "round $round: the 429 is " . (error_code_of($limited->{body}) // 'not JSON')
+                unless (error_code_of($limited->{body}) // '') eq 'rate_limited';
+            push @bad, "round $round: the 429's RateLimit-Policy is "
+                       . ($h->{'ratelimit-policy'} // 'none')
+                unless ($h->{'ratelimit-policy'} // '') eq $policy;
+            push @bad, "round $round: the 429's RateLimit is " . ($h->{ratelimit} // 'none')
+                unless ($h->{ratelimit} // '') =~ /^"$z";r=0;t=\d+$/;
+            my $after = $h->{'retry-after'} // '';
+            if ($after !~ /^\d+$/ || $after < 1 || $after > $w) {
+                push @bad, "round $round: Retry-After '$after', not 1 .. $w";
+                last;
+            }
+            push @waited, $after;
+            Time::HiRes::sleep($after);
+            my $r = $claim->();
+            push @bad, "round $round: after waiting Retry-After ($after s) the next request "
+                       . "answered $r->{status}"
+                       . ($r->{status} == 429 ? ' (Retry-After ' . ($r->{headers}{'retry-after'} // '-') . ')' : '')
+                unless $r->{status} == 200;
+            push @bad, "round $round: ... without RateLimit " . ($r->{headers}{ratelimit} // 'none')
+                unless ($r->{headers}{ratelimit} // '') =~ /^"$z";r=\d+;t=\d+$/;
+        }
+        is_deeply(\@bad, [], "$what: rate=$zone{$z} burst=1: twice a 429 rate_limited with "
+                             . "RateLimit-Policy $policy and Retry-After of 1 .. $w s; after "
+                             . 'waiting it the next request is served')
+            or diag(Test::More::explain(\@bad));
+        Test::More::note("$what: rate=$zone{$z}: waited @waited s");
+    }
+
+    $ngx->stop;
+    my @log = grep { /\[(?:error|alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;
+    is_deeply(\@log, [], "$what: no [error], [alert], [crit] or [emerg] in the error log");
 }
 
 # ---------------------------------------------------------------------------
