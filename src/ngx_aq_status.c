@@ -3,12 +3,15 @@
  * The status page (annotation_queue_status): every worker's pools, and
  * their sums, in Prometheus' text format.
  *
- * Each worker publishes its pools' counters into a slot of a shared memory
- * zone ([pool][worker]) after every change, and any worker reads all of
- * them.  Slots are found by the worker's number, so a reload's new worker
- * takes over the slot of the old worker with its number: it starts from
- * the slot's counters (they go on across reloads) and writes its pid
- * there; the old worker, still finishing its requests, stops publishing.
+ * Each worker has a slot per pool in a shared memory zone ([pool][worker]),
+ * found by the worker's number, and any worker reads all of them.  The
+ * answer counters are added to the slot atomically, by whichever process
+ * answers: after a reload the new worker with a number and the old one,
+ * still finishing its requests, add to the same slot, so that the counters
+ * go on, every answer counted once.  The gauges (connections, waiting) are
+ * copied into the slot by its owner after every change: a reload's new
+ * worker writes its pid there and takes over; the old worker stops
+ * publishing its gauges (it never writes the pid again).
  */
 
 
@@ -144,9 +147,6 @@ ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool)
 
     slot = &amcf->stats[pool->index * amcf->workers + ngx_worker];
 
-    ngx_memcpy((void *) pool->local.answers, (void *) slot->answers,
-               sizeof(slot->answers));
-
     slot->pid = ngx_pid;
     pool->shared = slot;
 
@@ -154,33 +154,54 @@ ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool)
 }
 
 
+/* the gauges, by the slot's owner; the pid and the counters are left alone */
+
 void
 ngx_aq_status_publish(ngx_aq_pool_t *pool)
 {
-    if (pool->shared == NULL || pool->shared->pid != (ngx_atomic_t) ngx_pid) {
+    ngx_aq_stats_t  *slot;
+
+    slot = pool->shared;
+
+    if (slot == NULL || slot->pid != (ngx_atomic_t) ngx_pid) {
         return;
     }
 
-    ngx_memcpy((void *) pool->shared, (void *) &pool->local,
-               sizeof(ngx_aq_stats_t));
+    slot->open = pool->local.open;
+    slot->connecting = pool->local.connecting;
+    slot->idle = pool->local.idle;
+    slot->waiting = pool->local.waiting;
 }
 
 
 void
 ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
 {
+    ngx_uint_t                             s, o;
+    ngx_aq_pool_t                         *pool;
     ngx_http_annotation_queue_loc_conf_t  *alcf;
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_annotation_queue_module);
 
-    if (alcf->pool == NULL || alcf->pool->st == NULL) {
+    pool = alcf->pool;
+
+    if (pool == NULL || pool->st == NULL) {
         return;
     }
 
-    alcf->pool->st->answers[ctx->action->stmt]
-                           [ctx->error ? ctx->error->outcome : 0]++;
+    s = ctx->action->stmt;
+    o = ctx->error ? ctx->error->outcome : 0;
 
-    ngx_aq_status_publish(alcf->pool);
+    if (pool->shared == NULL) {
+        pool->st->answers[s][o]++;
+        return;
+    }
+
+    /* the slot's owner may be a newer worker: add, never copy */
+
+    (void) ngx_atomic_fetch_add(&pool->shared->answers[s][o], 1);
+
+    ngx_aq_status_publish(pool);
 }
 
 

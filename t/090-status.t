@@ -151,9 +151,25 @@ _EOC_
     $c[$_]->send_request(body => qq({"queue_id":"$queue"}), key => $keys->[6 + $_]) for 0 .. 3;
     my $tc = AQ::Client->new(port => $sport, timeout => 10);
     $tc->send_request(uri => '/tarpit', body => qq({"queue_id":"$queue"}), key => $keys->[10]);
-    Time::HiRes::sleep(0.7);
 
-    ($st, $h, $body, $p) = $status->();
+    # until the page shows them all blocked (or the deadline: the checks
+    # below then say what it shows)
+    my $deadline = Time::HiRes::time() + 10 * AQ::slow();
+    while (1) {
+        ($st, $h, $body, $p) = $status->();
+        my $gauges = join ' ', map {
+            my $w = $_;
+            (map { $v->($p, 'annotation_queue_connections', pool => $main, worker => $w,
+                        state => $_) } qw(idle busy connecting)),
+            $v->($p, 'annotation_queue_waiting', pool => $main, worker => $w)
+        } 0, 1;
+        last if $gauges eq '0 1 0 1 0 1 0 1'
+                && $v->($p, 'annotation_queue_connections', pool => $slow, worker => 'all',
+                        state => 'connecting') eq '1';
+        last if Time::HiRes::time() > $deadline;
+        Time::HiRes::sleep(0.05);
+    }
+
     my %all = map { $_ => $v->($p, 'annotation_queue_connections', pool => $main,
                                worker => 'all', state => $_) } qw(idle busy connecting);
     my $waiting = $v->($p, 'annotation_queue_waiting', pool => $main, worker => 'all');
@@ -188,6 +204,124 @@ _EOC_
     is($v->($p, 'annotation_queue_connections', pool => $main, worker => 'all', state => 'busy'),
        0, "$what: no connection is busy any more");
     is_deeply($p->{problems}, [], "$what: valid text format") or diag $body;
+
+    $ngx->stop;
+    my @bad = grep { /\[(?:alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;
+    is_deeply(\@bad, [], "$what: no [alert], [crit] or [emerg] in the error log");
+}
+
+# ---------------------------------------------------------------------------
+# The counters across a reload (nginx -s reload): two workers answer known
+# claims (2 by one, 3 by the other), then one claim each is held in flight
+# (the items table locked); nginx reloads; once both new workers serve, the
+# lock goes and the old workers answer their claims in flight, then exit.
+# The counters must go on: each worker's slot shows its old worker's 3 and
+# 4 claimed (nothing reset, the answers given after the reload by the old
+# workers included, nothing twice), all workers 7.  Then the new workers
+# answer 4 and 7 claims: the slots show 7 and 11 (or 10 and 8, whichever
+# new worker took which slot), all workers 18.  Workers are told apart by
+# an X-Worker header, probed on nginx's own 404 (not counted).
+{
+    my $what = 'reload';
+    my $queue = AQ::Workflow::queue($org, 'reload');
+    AQ::enqueue_many($queue, 40);
+    my $keys = AQ::keys_for($org, 40);
+    my $sport = AQ::free_port();
+    my $qt = 20 * AQ::slow();
+    my $ngx = AQ::start_nginx(workers => 2, http => <<"_EOC_");
+    annotation_queue_pool_size 2;
+    annotation_queue_query_timeout ${qt}s;
+    add_header X-Worker \$pid always;
+
+    server {
+        listen 127.0.0.1:$sport;
+
+        location = /status {
+            annotation_queue_status;
+        }
+    }
+_EOC_
+    my $parsed = sub {
+        my ($st, $h, $body) = AQ::Client->new(port => $sport)
+                              ->request(method => 'GET', uri => '/status');
+        return AQ::Workflow::parse_prometheus($st == 200 ? $body : '');
+    };
+    # claimed per worker slot ("3 4": slot 0, slot 1) and all workers
+    my $claimed = sub {
+        my ($p) = @_;
+        return join ' ', map { AQ::Workflow::sample($p, 'annotation_queue_answers_total',
+                                   pool => 0, worker => $_, endpoint => 'claim',
+                                   outcome => 'claimed') // 'absent' } 0, 1, 'all';
+    };
+    my $lines = sub {
+        my ($p) = @_;
+        return scalar grep { $_->[0] eq 'annotation_queue_answers_total'
+                             && $_->[1]{outcome} eq 'claimed' } @{ $p->{samples} };
+    };
+    my $busy = sub {
+        AQ::Workflow::sample($parsed->(), 'annotation_queue_connections', pool => 0,
+                             worker => 'all', state => 'busy') // -1;
+    };
+    my $k = 0;
+    my $claims = sub {
+        my ($c, $n) = @_;
+        return join ' ', map { ($c->claim($queue, $keys->[$k++]))[0] } 1 .. $n;
+    };
+
+    my $old = AQ::Workflow::worker_connections($ngx->port, 2, uri => '/probe');
+    my @old = sort keys %$old;
+    is(scalar(@old), 2, "$what: 2 connections to each of the 2 workers")
+        or diag(Test::More::explain({ map { $_ => scalar @{ $old->{$_} } } keys %$old }));
+    my @warm = ($claims->($old->{ $old[0] }[0], 2), $claims->($old->{ $old[1] }[0], 3));
+    is("@warm", '200 200 200 200 200', "$what: 2 claims by one worker, 3 by the other");
+    my $before = $claimed->($parsed->());
+    ok($before eq '2 3 5' || $before eq '3 2 5',
+       "$what: before the reload, claimed per worker and in all: $before");
+
+    AQ::lock_items();
+    for my $pid (@old) {
+        $old->{$pid}[1]->send_request(body => qq({"queue_id":"$queue"}), key => $keys->[$k++]);
+    }
+    my $deadline = Time::HiRes::time() + 10 * AQ::slow();
+    Time::HiRes::sleep(0.05) while $busy->() != 2 && Time::HiRes::time() < $deadline;
+    is($busy->(), 2, "$what: a claim of each worker is in flight, held by the lock");
+
+    my $prefix = $ngx->prefix;
+    my $out = `$ENV{TEST_NGINX_BINARY} -p $prefix/ -c $prefix/conf/nginx.conf -s reload 2>&1`;
+    is($?, 0, "$what: nginx -s reload") or diag $out;
+    my $new = {};
+    $deadline = Time::HiRes::time() + 20 * AQ::slow();
+    while (keys %$new < 2 && Time::HiRes::time() < $deadline) {
+        $new = AQ::Workflow::worker_connections($ngx->port, 1, uri => '/probe', except => \@old);
+        Time::HiRes::sleep(0.05) if keys %$new < 2;
+    }
+    my @new = sort keys %$new;
+    is(scalar(@new), 2, "$what: two new workers serve");
+    ok(@old == 2 && kill(0, @old) == 2, "$what: the old workers stay for their claims in flight");
+
+    AQ::unlock_items();
+    my @late = map { $old->{$_}[1]->read_response->{status} } @old;
+    is("@late", '200 200', "$what: the old workers answer their claims in flight after the reload");
+    $deadline = Time::HiRes::time() + 20 * AQ::slow();
+    Time::HiRes::sleep(0.05) while kill(0, @old) && Time::HiRes::time() < $deadline;
+    is(kill(0, @old), 0, "$what: then the old workers exit");
+
+    my $p = $parsed->();
+    my $after = $claimed->($p);
+    ok(($before eq '2 3 5' && $after eq '3 4 7') || ($before eq '3 2 5' && $after eq '4 3 7'),
+       "$what: after the reload each worker's counter went on with its old worker's claims, "
+       . "those answered after the reload included; all workers summed (was $before, now $after)");
+    is($lines->($p), 3, "$what: claimed counted once per worker slot and once in all");
+    is_deeply($p->{problems}, [], "$what: valid text format");
+
+    my @fresh = ($claims->($new->{ $new[0] }[0], 4), $claims->($new->{ $new[1] }[0], 7));
+    is("@fresh", join(' ', (200) x 11), "$what: the new workers answer 4 and 7 claims");
+    $p = $parsed->();
+    my $end = $claimed->($p);
+    my %ok = map { $_ => 1 } $before eq '2 3 5' ? ('7 11 18', '10 8 18') : ('8 10 18', '11 7 18');
+    ok($ok{$end}, "$what: the new workers' claims add to their slots' counters and to all "
+                  . "(now $end)");
+    is($lines->($p), 3, "$what: still one line per worker slot and one for all");
 
     $ngx->stop;
     my @bad = grep { /\[(?:alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;

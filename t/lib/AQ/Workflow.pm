@@ -296,18 +296,24 @@ sub log_line {
 # connections known to be served by each worker.  The claim location must
 # tell its worker:  location => 'add_header X-Worker $pid always;'.  Each
 # connection is probed with a GET (405 before the key is even read: no
-# database, no rate limit).  Returns { pid => [AQ::Client x $per_worker] }
-# with $workers pids, or fewer if 200 connections did not reach them all.
+# database, no rate limit); uri => '/elsewhere' probes another location
+# instead (e.g. nginx's own 404, which the status page does not count: the
+# X-Worker header then at the http level).  Returns { pid => [AQ::Client x
+# $per_worker] } with $workers pids, or fewer if 200 connections did not
+# reach them all; pids in except => [...] are not taken.
 
 sub worker_connections {
     my ($port, $per_worker, %o) = @_;
     my $workers = $o{workers} // 2;
+    my %except = map { $_ => 1 } @{ $o{except} || [] };
     my %by;
     for (1 .. 200) {
         my $c = AQ::Client->new(port => $port, timeout => $o{timeout} // 20);
-        my ($st, $h) = $c->request(method => 'GET');
+        my ($st, $h) = $c->request(method => 'GET', uri => $o{uri});
         my $pid = $h->{'x-worker'};
-        if (defined $pid && @{ $by{$pid} ||= [] } < $per_worker && $c->connected) {
+        if (defined $pid && !$except{$pid} && @{ $by{$pid} ||= [] } < $per_worker
+            && $c->connected)
+        {
             push @{ $by{$pid} }, $c;
         } else {
             $c->disconnect;
