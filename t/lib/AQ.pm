@@ -643,7 +643,7 @@ sub free_port {
 
 # The text of an nginx.conf.  Options: prefix, port, workers (1), dsn
 # ($DSN), http (more http directives), location (more location directives),
-# log_level (info).
+# log_level (info), worker_connections (1024).
 sub nginx_conf {
     my (%o) = @_;
     my $prefix  = $o{prefix} or die 'nginx_conf: prefix';
@@ -651,6 +651,7 @@ sub nginx_conf {
     my $workers = $o{workers} // 1;
     my $dsn     = $o{dsn} // $DSN;
     my $level   = $o{log_level} // 'info';
+    my $wconns  = $o{worker_connections} // 1024;
     my $http     = $o{http} // '';
     my $location = $o{location} // '';
     my $load  = join '', map { "load_module $_;\n" }
@@ -664,7 +665,7 @@ error_log $prefix/logs/error.log $level;
 pid $prefix/logs/nginx.pid;
 
 events {
-    worker_connections 1024;
+    worker_connections $wconns;
 }
 
 http {
