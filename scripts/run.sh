@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # make run: PostgreSQL (a local one in state/, or $DATABASE_URL) with the
 # schema and demo data, and nginx with the module on 127.0.0.1:${PORT:-8080}
-# in the foreground.  Ctrl-C stops both.
+# in the foreground: the claim, extend, release and complete endpoints, the
+# status page and a per-key rate limit, as in the README.  It prints a curl
+# for each step of a rater's round (openapi.yaml describes every answer).
+# Ctrl-C stops both.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -9,6 +12,9 @@ state=$top/state
 port=${PORT:-8080}
 module=$top/build/ngx_http_annotation_queue_module.so
 nginx=${NGINX:-/usr/sbin/nginx}
+base=http://127.0.0.1:$port
+api=$base/api/v1/annotations
+metrics=/internal/annotation-queue/metrics
 
 mkdir -p "$state/nginx/logs" "$state/nginx/tmp"
 
@@ -38,9 +44,11 @@ else
     started_pg=1
 fi
 
-# demo data: one organisation and queue (kept between runs), items when the
-# queue has run dry, and a fresh key (a key is shown only when created)
-read -r queue key < <(psql -X -qtA -F' ' -v ON_ERROR_STOP=1 -d "$dsn" <<'SQL'
+# demo data: one organisation and queue (kept between runs), items when
+# fewer than two are available, and two fresh raters' keys (a key is shown
+# only when created): alice goes through the whole round, bob holds an item
+# to release
+read -r queue alice bob < <(psql -X -qtA -F' ' -v ON_ERROR_STOP=1 -d "$dsn" <<'SQL'
 WITH org AS (
     SELECT coalesce((SELECT id FROM annotation_queue.organisations
                       WHERE name = 'demo' ORDER BY created_at LIMIT 1),
@@ -52,19 +60,20 @@ WITH org AS (
            org.id AS org_id
       FROM org
 )
-SELECT q.id, annotation_queue.create_api_key(q.org_id, 'demo rater')
+SELECT q.id, annotation_queue.create_api_key(q.org_id, 'alice'),
+       annotation_queue.create_api_key(q.org_id, 'bob')
   FROM q;
 SQL
 )
 
-psql -X -qtA -v ON_ERROR_STOP=1 -d "$dsn" >/dev/null <<SQL
-SELECT annotation_queue.enqueue('$queue',
+psql -X -qtA -v ON_ERROR_STOP=1 -v queue="$queue" -d "$dsn" >/dev/null <<'SQL'
+SELECT annotation_queue.enqueue(:'queue',
            jsonb_build_object('prompt', 'Rate answer #' || g,
                               'answer', 'Demo answer ' || g),
            (g % 3))
   FROM generate_series(1, 20) AS g
- WHERE NOT EXISTS (SELECT 1 FROM annotation_queue.items
-                    WHERE queue_id = '$queue' AND status = 'available');
+ WHERE (SELECT count(*) FROM annotation_queue.items
+         WHERE queue_id = :'queue' AND status = 'available') < 2;
 SQL
 
 # the conninfo goes into nginx.conf inside double quotes
@@ -91,12 +100,24 @@ http {
     scgi_temp_path tmp/scgi;
 
     annotation_queue_database "$conf_dsn";
+    annotation_queue_limit_zone zone=raters:10m rate=20r/s;
 
     server {
         listen 127.0.0.1:$port;
 
-        location = /api/v1/annotations/queue {
-            annotation_queue_claim;
+        location /api/v1/annotations/ {
+            annotation_queue_limit zone=raters burst=40;
+
+            location = /api/v1/annotations/queue    { annotation_queue_claim; }
+            location = /api/v1/annotations/extend   { annotation_queue_extend; }
+            location = /api/v1/annotations/release  { annotation_queue_release; }
+            location = /api/v1/annotations/complete { annotation_queue_complete; }
+        }
+
+        location = $metrics {
+            allow 127.0.0.1;
+            deny all;
+            annotation_queue_status;
         }
     }
 }
@@ -104,23 +125,91 @@ CONF
 
 "$nginx" -q -t -p "$state/nginx" -c nginx.conf
 
+"$nginx" -p "$state/nginx" -c nginx.conf -g 'daemon off;' &
+nginx_pid=$!
+
+# nginx answers (the status page) within 10 s, or the run ends
+for _ in $(seq 100); do
+    if curl -sf -o /dev/null "$base$metrics"; then
+        break
+    fi
+    if ! kill -0 "$nginx_pid" 2>/dev/null; then
+        echo "run: nginx exited" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+curl -sf -o /dev/null "$base$metrics" \
+    || { echo "run: nginx does not answer on $base" >&2; exit 1; }
+
+# bob claims an item now, so that there is one to release; alice's claim
+# below gets her an item (the same one again each time until she is done)
+bob_claim=$(curl -s -w ' %{http_code}' -X POST "$api/queue" \
+                 -H "Authorization: Bearer $bob" \
+                 -d "{\"queue_id\": \"$queue\"}")
+if [ "${bob_claim##* }" != 200 ]; then
+    echo "run: the demo claim failed: $bob_claim" >&2
+    exit 1
+fi
+curl -s -o /dev/null -X POST "$api/queue" \
+     -H "Authorization: Bearer $alice" -d "{\"queue_id\": \"$queue\"}"
+
+# what each holds: item and version, from the database
+held() {
+    psql -X -qtA -F' ' -v ON_ERROR_STOP=1 -v key="$1" -d "$dsn" <<'SQL'
+SELECT i.id, i.version
+  FROM annotation_queue.items AS i
+  JOIN annotation_queue.api_keys AS k ON k.id = i.claimed_by
+ WHERE k.key_hash = annotation_queue.key_hash(:'key')
+   AND i.status = 'claimed';
+SQL
+}
+read -r alice_item alice_version < <(held "$alice")
+read -r bob_item bob_version < <(held "$bob")
+
 cat <<MSG
 
-nginx with the annotation queue module: http://127.0.0.1:$port/
-demo queue $queue, demo key (shown once) $key
+nginx with the annotation queue module: $base/
+demo queue $queue
+keys (shown once): alice $alice
+                   bob   $bob
+Every answer is described in openapi.yaml.
 
-Claim an item:
+1. alice claims the next item of the queue (again: the same item back):
 
-curl -s -X POST http://127.0.0.1:$port/api/v1/annotations/queue \\
-     -H 'Authorization: Bearer $key' \\
+curl -s -w '\n' -X POST $api/queue \\
+     -H 'Authorization: Bearer $alice' \\
      -H 'Content-Type: application/json' \\
      -d '{"queue_id": "$queue"}'
+
+2. she extends her lease (a heartbeat: the version stays $alice_version):
+
+curl -s -w '\n' -X POST $api/extend \\
+     -H 'Authorization: Bearer $alice' \\
+     -H 'Content-Type: application/json' \\
+     -d '{"item_id": "$alice_item", "version": $alice_version}'
+
+3. she completes it with her result (version $alice_version becomes $((alice_version + 1))):
+
+curl -s -w '\n' -X POST $api/complete \\
+     -H 'Authorization: Bearer $alice' \\
+     -H 'Content-Type: application/json' \\
+     -d '{"item_id": "$alice_item", "version": $alice_version, "result": {"helpful": true, "score": 4}}'
+
+4. bob gives the item he holds back to the queue:
+
+curl -s -w '\n' -X POST $api/release \\
+     -H 'Authorization: Bearer $bob' \\
+     -H 'Content-Type: application/json' \\
+     -d '{"item_id": "$bob_item", "version": $bob_version}'
+
+5. the status page (Prometheus' text format):
+
+curl -s $base$metrics
 
 Ctrl-C stops nginx and PostgreSQL.
 
 MSG
 
-"$nginx" -p "$state/nginx" -c nginx.conf -g 'daemon off;' &
-nginx_pid=$!
 wait "$nginx_pid" || true
 nginx_pid=
