@@ -328,6 +328,9 @@ sub json_of {
 # returns { method, uri, status, header_list => [[name, value]...],
 # headers => { lowercase name => value }, body, error }.
 
+# AQ::slow() when the suite's fixtures are loaded (1 otherwise).
+sub slow { return defined &AQ::slow ? AQ::slow() : 1 }
+
 sub start_request {
     my ($port, %o) = @_;
     local $SIG{PIPE} = 'IGNORE';
@@ -354,7 +357,7 @@ sub start_request {
               . "\r\n" . $body;
 
     my $flight = { method => $method, uri => $uri,
-                   timeout => ($o{timeout} // 10) * AQ::slow() };
+                   timeout => ($o{timeout} // 10) * slow() };
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
                                   Proto => 'tcp',
                                   Timeout => $flight->{timeout});
