@@ -17,6 +17,7 @@
 static ngx_int_t ngx_aq_request_reject(ngx_http_request_t *r,
     const ngx_aq_error_t *err);
 static void ngx_aq_request_body_handler(ngx_http_request_t *r);
+static void ngx_aq_request_body_reader(ngx_http_request_t *r);
 static ngx_int_t ngx_aq_request_read_body(ngx_http_request_t *r,
     size_t max, u_char **body, size_t *len);
 static ngx_int_t ngx_aq_request_query(ngx_http_request_t *r,
@@ -26,6 +27,13 @@ static void ngx_aq_request_done(ngx_aq_query_t *q, PGresult *res,
     ngx_uint_t outcome);
 static ngx_int_t ngx_aq_request_respond(ngx_http_request_t *r,
     ngx_aq_ctx_t *ctx, PGresult *res, ngx_uint_t outcome);
+
+
+/*
+ * nginx's own reader of a request body, which ngx_aq_request_body_reader
+ * stands in front of (the same function for every HTTP/1 request)
+ */
+static ngx_http_event_handler_pt  ngx_aq_request_nginx_body_reader;
 
 
 ngx_int_t
@@ -87,7 +95,57 @@ ngx_aq_request_start(ngx_http_request_t *r, const ngx_aq_action_t *action)
         return rc;
     }
 
+    if (rc == NGX_AGAIN
+#if (NGX_HTTP_V2)
+        && r->stream == NULL
+#endif
+        && r->read_event_handler != ngx_aq_request_body_reader)
+    {
+        /* the body is still coming: see to its timeout */
+        ngx_aq_request_nginx_body_reader = r->read_event_handler;
+        r->read_event_handler = ngx_aq_request_body_reader;
+    }
+
     return NGX_DONE;
+}
+
+
+/*
+ * When client_body_timeout expires, nginx closes the connection without a
+ * word (its 408 only shows in the access log).  Here the client gets the
+ * 408 as nginx's other errors in these locations, made JSON by the error
+ * filter (request_timeout), and the connection closes after it.  Every
+ * other read goes to nginx's reader, which hands the complete body to
+ * ngx_aq_request_body_handler.
+ */
+
+static void
+ngx_aq_request_body_reader(ngx_http_request_t *r)
+{
+    ngx_connection_t  *c;
+
+    c = r->connection;
+
+    if (!c->read->timedout) {
+        ngx_aq_request_nginx_body_reader(r);
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
+                  "client timed out sending the request body");
+
+    c->read->timedout = 0;
+
+    r->keepalive = 0;
+    r->lingering_close = 1;
+    r->read_event_handler = ngx_http_block_reading;
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    ngx_http_finalize_request(r,
+              ngx_http_special_response_handler(r, NGX_HTTP_REQUEST_TIME_OUT));
 }
 
 

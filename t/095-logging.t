@@ -14,15 +14,22 @@
 # log_line) and shows it with the key's prefix as <prefix:name>, ids as
 # <item:label> and a time as <secs>.
 #
-# A chunked body over client_max_body_size (nginx's own 413) is answered
-# as JSON: t/030-request.t TEST 22.
+# The errors nginx itself answers in the module's locations are the
+# module's JSON envelope, each with its code and message, counted and
+# logged with that outcome: limit_req's 429 and 503, limit_conn's 503
+# (with Retry-After), an invalid chunked body (400), client_body_timeout
+# while the body trickles (408, which nginx would otherwise close without
+# a word), a temporary file that cannot be written (500).  A chunked body
+# over client_max_body_size (nginx's own 413): t/030-request.t TEST 22.
 use strict;
 use warnings;
 
 use lib 't/lib';
 use AQ;
 use AQ::Workflow;
+use File::Temp qw(tempdir);
 use Test::Nginx::Socket 'no_plan';
+use Time::HiRes ();
 
 our $org = AQ::org('logging');
 our %k = map { $_ => AQ::Workflow::key($org, $_) } qw(alice bob carol dave);
@@ -48,7 +55,7 @@ my %label_of = (map({ AQ::item_id($_) => $_ }
 my %prefix_of = map { substr($k{$_}, 0, 12) => $_ } keys %k;
 
 # A log line with its variables made readable.
-sub norm {
+sub norm_line {
     my ($line) = @_;
     $line =~ s{\bkey=(aqk_[0-9a-f]{8})(?=\s|$)}{'key=<prefix:' . ($prefix_of{$1} // '?') . '>'}e;
     $line =~ s{\bitem=([0-9a-f-]{36})(?=\s|$)}{'item=<item:' . ($label_of{$1} // $1) . '>'}e;
@@ -62,7 +69,7 @@ sub logged {
     return sub {
         my ($body) = @_;
         my $brief = $body =~ /"status"/ ? AQ::Workflow::brief($body) : AQ::brief($body);
-        return $brief . norm(AQ::Workflow::log_line('aq.log', $tag)) . "\n";
+        return $brief . norm_line(AQ::Workflow::log_line('aq.log', $tag)) . "\n";
     };
 }
 
@@ -117,9 +124,104 @@ $AQ::CONFIG = "    access_log logs/aq.log aq;\n" . $AQ::Workflow::LOCATIONS . <<
     location = /plain {
         return 200 '{"plain": true}';
     }
+    location = /timeout/queue {
+        client_body_timeout __BODY_TIMEOUT__s;
+        annotation_queue_claim;
+    }
+    location = /tempfile/queue {
+        client_body_buffer_size 16;
+        client_body_temp_path $TEST_NGINX_AQ_NOT_A_DIR;
+        annotation_queue_claim;
+    }
 _EOC_
 
 our @secret_patterns = map { AQ::secret_parts($k{$_}) } sort keys %k;
+
+# The error bodies of nginx's own errors, exactly.
+our %nginx_error = (
+    400 => '{"success":false,"error":{"code":"bad_request","message":"the request is malformed"}}',
+    408 => '{"success":false,"error":{"code":"request_timeout","message":"the request was not received in time"}}',
+    429 => '{"success":false,"error":{"code":"rate_limited","message":"too many requests with this API key, retry later"}}',
+    500 => '{"success":false,"error":{"code":"internal_error","message":"internal error"}}',
+    503 => '{"success":false,"error":{"code":"service_unavailable","message":"the service is unavailable, retry later"}}',
+);
+
+# A response filter: the body as it is, then its access log line.
+sub as_is {
+    my ($tag) = @_;
+    return sub {
+        return "$_[0]\n" . norm_line(AQ::Workflow::log_line('aq.log', $tag)) . "\n";
+    };
+}
+
+# A regular file where a directory should be: client_body_temp_path there
+# (nginx starts, mkdir finding it exists) makes writing a body to a
+# temporary file fail.
+our $not_a_dir = tempdir('aq-095-XXXXXX', TMPDIR => 1, CLEANUP => 1) . '/not-a-directory';
+{
+    open my $fh, '>', $not_a_dir or die "$not_a_dir: $!";
+    close $fh;
+}
+$ENV{TEST_NGINX_AQ_NOT_A_DIR} = $not_a_dir;
+
+# client_body_timeout of /timeout/queue (TEST 5), and thirds of it the pause
+# of its trickle.
+our $BODY_TIMEOUT = 1 * AQ::slow();
+$AQ::CONFIG =~ s/__BODY_TIMEOUT__/$BODY_TIMEOUT/;
+
+# A claim by dave whose body announces 200 bytes.
+sub partial_claim {
+    my ($tag, $uri) = @_;
+    return "POST $uri HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+           . "Authorization: Bearer $k{dave}\r\nContent-Type: application/json\r\n"
+           . "X-Test: $tag\r\nContent-Length: 200\r\n\r\n";
+}
+
+# ---------------------------------------------------------------------------
+# limit_conn in a claim location: while one claim holds the location's one
+# connection (its body not yet sent), another request gets limit_conn's 503
+# as the JSON service_unavailable with Retry-After; once the first goes,
+# requests are served again.
+{
+    my $what = 'limit_conn';
+    my $ngx = AQ::start_nginx(workers => 1,
+        http     => 'limit_conn_zone $binary_remote_addr zone=oneconn:1m;',
+        location => 'limit_conn oneconn 1;');
+    my $held = AQ::Client->new(port => $ngx->port);
+    my $err = $held->send_request(key => $k{dave}, body => '{"queue_id": ',
+                                  headers => { 'Content-Length' => 200 });
+    is($err, undef, "$what: a claim whose body does not come holds the connection");
+
+    # until the held claim counts (nginx read its header): unlimited, a
+    # request without a key gets 401 at once
+    my ($st, $h, $body);
+    my $deadline = Time::HiRes::time() + 10 * AQ::slow();
+    while (1) {
+        ($st, $h, $body) = AQ::Client->new(port => $ngx->port)->request(body => '{}');
+        last if $st != 401 || Time::HiRes::time() > $deadline;
+        Time::HiRes::sleep(0.05);
+    }
+    is($st, 503, "$what: another request gets 503");
+    like($h->{'content-type'} // '', qr{^application/json(?:;\s*charset=utf-8)?$},
+         "$what: ... Content-Type: application/json");
+    like($h->{'retry-after'} // '', qr/^\d+$/, "$what: ... with Retry-After");
+    is($body, $nginx_error{503}, "$what: ... the JSON error service_unavailable");
+
+    $held->disconnect;
+    $deadline = Time::HiRes::time() + 10 * AQ::slow();
+    while (1) {
+        ($st, $h, $body) = AQ::Client->new(port => $ngx->port)->request(body => '{}');
+        last if $st != 503 || Time::HiRes::time() > $deadline;
+        Time::HiRes::sleep(0.05);
+    }
+    is($st, 401, "$what: once the held claim is gone, requests are served again (401 without a key)");
+
+    $ngx->stop;
+    my @bad = grep { /\[(?:alert|crit|emerg)\]/ } split /\n/, $ngx->error_log;
+    is_deeply(\@bad, [], "$what: no [alert], [crit] or [emerg] in the error log");
+    like($ngx->error_log, qr/limiting connections by zone "oneconn"/,
+         "$what: nginx logs its limit");
+}
 
 AQ::default_blocks();
 run_tests();
@@ -200,7 +302,7 @@ __DATA__
 
 
 
-=== TEST 3: limit_req in a claim location: its 429 (limit_req_status 429) and its 503 (the default) are JSON errors
+=== TEST 3: limit_req in a claim location: its 429 (limit_req_status 429) is rate_limited, its 503 (the default) service_unavailable, JSON with Retry-After
 rate=1r/m per address: the first claim of each location passes, the second
 is refused by limit_req before the module runs.
 --- request eval
@@ -211,14 +313,77 @@ is refused by limit_req before the module runs.
 --- error_code eval
 [200, 429, 200, 503]
 --- response_headers_like eval
-[("Content-Type: application/json") x 4]
+["Content-Type: application/json", "Content-Type: application/json\nRetry-After: \\d+",
+ "Content-Type: application/json", "Content-Type: application/json\nRetry-After: \\d+"]
 --- response_body_filters eval
-[[\&AQ::brief], [::logged('r429b')], [\&AQ::brief], [::logged('r503b')]]
+[[\&AQ::brief], [::as_is('r429b')], [\&AQ::brief], [::as_is('r503b')]]
 --- response_body_like eval
 ["^item nginx-1 v1\n\\z",
- "^error rate_limited\nt=r429b status=429 key=(?:-|<prefix:dave>) item=- outcome=rate_limited db=-\n\\z",
+ "^" . quotemeta($::nginx_error{429}) . "\nt=r429b status=429 key=(?:-|<prefix:dave>) item=- outcome=rate_limited db=-\n\\z",
  "^item nginx-1 v1\n\\z",
- "^error [a-z_]+\nt=r503b status=503 key=(?:-|<prefix:dave>) item=- outcome=[a-z_]+ db=-\n\\z"]
+ "^" . quotemeta($::nginx_error{503}) . "\nt=r503b status=503 key=(?:-|<prefix:dave>) item=- outcome=service_unavailable db=-\n\\z"]
 --- no_error_log
 [alert]
 [crit]
+
+
+
+=== TEST 4: an invalid chunked body, which nginx refuses in the claim location: 400 bad_request, JSON
+--- raw_request eval
+"POST $AQ::URI HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+. "Authorization: Bearer $::k{dave}\r\nX-Test: badchunk\r\nTransfer-Encoding: chunked\r\n\r\n"
+. "zz\r\n{}\r\n0\r\n\r\n"
+--- error_code: 400
+--- response_body_filters eval
+::as_is('badchunk')
+--- response_body_like eval
+"^" . quotemeta($::nginx_error{400}) . "\nt=badchunk status=400 key=(?:-|<prefix:dave>) item=- outcome=bad_request db=-\n\\z"
+--- error_log
+client sent invalid chunked body
+--- no_error_log
+[alert]
+[crit]
+
+
+
+=== TEST 5: client_body_timeout while the body trickles: 408 request_timeout, JSON, and the connection closes
+The header and a first part of the body, a second part a little later, then
+nothing: when client_body_timeout expires nginx answers (it would close
+without a word) and closes.
+--- raw_request eval
+[::partial_claim('trickle', '/timeout/queue') . '{"queue_id": ', '"' . $::q{nginx} . '"']
+--- raw_request_middle_delay eval
+$::BODY_TIMEOUT / 3
+--- timeout eval
+10 * AQ::slow()
+--- error_code: 408
+--- response_headers_like
+Content-Type: application/json
+Connection: close
+--- response_body_filters eval
+::as_is('trickle')
+--- response_body_like eval
+"^" . quotemeta($::nginx_error{408}) . "\nt=trickle status=408 key=<prefix:dave> item=- outcome=request_timeout db=-\n\\z"
+--- error_log
+client timed out sending the request body
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 6: a body nginx cannot write to its temporary file (client_body_temp_path is a file): 500 internal_error, JSON
+--- request eval
+AQ::Workflow::req('/tempfile/queue', { queue_id => $::q{nginx}, padding => 'x' x 3000 })
+--- more_headers eval
+::tagged(tempfile => 'dave')
+--- error_code: 500
+--- response_body_filters eval
+::as_is('tempfile')
+--- response_body_like eval
+"^" . quotemeta($::nginx_error{500}) . "\nt=tempfile status=500 key=<prefix:dave> item=- outcome=internal_error db=-\n\\z"
+--- error_log
+Not a directory
+--- no_error_log
+[alert]
