@@ -84,6 +84,7 @@ static void ngx_aq_conn_read(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_done(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res,
     ngx_aq_query_t *q);
+static ngx_uint_t ngx_aq_claim_retryable(PGresult *res);
 static void ngx_aq_conn_ready(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_flush(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read,
@@ -906,15 +907,17 @@ ngx_aq_conn_done(ngx_aq_conn_t *ac)
 
 /*
  * A batch's answer: a row per request.  A request the batch left without an
- * item, and every request of a batch that failed on the unique holder index
- * (a key claiming in two batches at once), runs the single claim next.
+ * item, and every request of a batch that rolled back for a reason a claim
+ * run alone does not meet (ngx_aq_claim_retryable()), runs the single claim
+ * next.  A result of another shape than a row of 8 columns per request is
+ * never answered by position: every request of the batch fails (500), and
+ * the cause is logged once here.
  */
 
 static void
 ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
 {
-    char            *sqlstate;
-    ngx_uint_t       i, n, ok, raced, answer[NGX_AQ_BATCH_MAX];
+    ngx_uint_t       i, n, ok, tuples, raced, answer[NGX_AQ_BATCH_MAX];
     ngx_aq_pool_t   *pool;
     ngx_aq_query_t  *q, *qs[NGX_AQ_BATCH_MAX];
 
@@ -924,13 +927,20 @@ ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
     ngx_memcpy(qs, ac->batch, n * sizeof(ngx_aq_query_t *));
     ac->nbatch = 0;
 
-    ok = (res != NULL
-          && PQresultStatus(res) == PGRES_TUPLES_OK
+    tuples = (res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK);
+
+    ok = (tuples
           && (ngx_uint_t) PQntuples(res) == n
           && PQnfields(res) == 8);
 
-    sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    raced = (sqlstate && ngx_strcmp(sqlstate, "23505") == 0);
+    if (tuples && !ok) {
+        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                      "annotation queue: a batch of %ui claims returned "
+                      "%d rows of %d columns, failing all of them",
+                      n, PQntuples(res), PQnfields(res));
+    }
+
+    raced = ngx_aq_claim_retryable(res);
 
     for (i = n; i-- > 0; /* void */) {
         q = qs[i];
@@ -953,7 +963,7 @@ ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
         answer[i] = 1;
     }
 
-    if ((ok || raced) && PQtransactionStatus(ac->pg) == PQTRANS_IDLE) {
+    if ((tuples || raced) && PQtransactionStatus(ac->pg) == PQTRANS_IDLE) {
         ngx_aq_conn_ready(ac);
 
     } else {
@@ -963,7 +973,9 @@ ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
 
     for (i = 0; i < n; i++) {
         if (answer[i]) {
-            ngx_aq_query_finish(qs[i], res, NGX_AQ_QUERY_OK);
+            /* no result: the request answers 500 internal_error */
+            ngx_aq_query_finish(qs[i], (tuples && !ok) ? NULL : res,
+                                NGX_AQ_QUERY_OK);
         }
     }
 
@@ -974,37 +986,30 @@ ngx_aq_conn_batch_done(ngx_aq_conn_t *ac, PGresult *res)
 
 
 /*
- * Two claims of one key ran at once and the other committed first: this
- * one failed on the unique items_holder_idx and rolled back, so it is run
- * again, once, on the same connection, where it now resumes the other's
- * item.
+ * A single claim rolled back for a reason that running it again removes
+ * (ngx_aq_claim_retryable()): it is run again, once, on the same
+ * connection.  Two claims of one key ran at once and the other committed
+ * first: this one now resumes the other's item.
  */
 
 static ngx_int_t
 ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
 {
-    char           *sqlstate;
     ngx_int_t       rc;
     ngx_aq_pool_t  *pool;
 
-    if (res == NULL
-        || q->retried
+    if (q->retried
         || q->stmt != NGX_AQ_STMT_CLAIM
-        || PQresultStatus(res) != PGRES_FATAL_ERROR
+        || !ngx_aq_claim_retryable(res)
         || PQtransactionStatus(ac->pg) != PQTRANS_IDLE)
     {
         return 0;
     }
 
-    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-
-    if (sqlstate == NULL || ngx_strcmp(sqlstate, "23505") != 0) {
-        return 0;
-    }
-
-    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
-                   "annotation queue: concurrent claims of one key, "
-                   "running the claim again");
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: claim rolled back (%s), "
+                   "running it again",
+                   PQresultErrorField(res, PG_DIAG_SQLSTATE));
 
     PQclear(res);
     q->retried = 1;
@@ -1027,6 +1032,39 @@ ngx_aq_conn_raced(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
     }
 
     return 1;
+}
+
+
+/*
+ * A claim that failed with one of these rolled back, so nothing of it was
+ * committed, and it failed because of another transaction at the same
+ * instant, which a claim run again does not meet:
+ *
+ *   23505  unique_violation: another claim of the same key committed first
+ *          (items_holder_idx); run again, the claim resumes that item;
+ *   40P01  deadlock_detected: two batches that share keys each waited for
+ *          the other's new holder entry;
+ *   40001  serialization_failure.
+ */
+
+static ngx_uint_t
+ngx_aq_claim_retryable(PGresult *res)
+{
+    char  *sqlstate;
+
+    if (res == NULL || PQresultStatus(res) != PGRES_FATAL_ERROR) {
+        return 0;
+    }
+
+    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+    if (sqlstate == NULL) {
+        return 0;
+    }
+
+    return ngx_strcmp(sqlstate, "23505") == 0
+           || ngx_strcmp(sqlstate, "40P01") == 0
+           || ngx_strcmp(sqlstate, "40001") == 0;
 }
 
 
