@@ -7,7 +7,8 @@
 # README's configuration with a generous per-key limit (so that the
 # RateLimit headers show); dead.test, a database nobody listens for;
 # saturated.test, one connection and no wait list; slow.test, a 1 s query
-# timeout; limited.test, a per-key limit of 1r/m; limit-req-503.test and
+# timeout; trickle.test, a 1 s client_body_timeout; limited.test, a
+# per-key limit of 1r/m; limit-req-503.test and
 # limit-req-429.test, nginx's limit_req with its default 503 and with 429.
 # A trigger in the suite's database makes PostgreSQL refuse chosen items
 # (500) or hold every update at a gate (pool_saturated, query_timeout).
@@ -103,6 +104,7 @@ is_deeply([$contract->spec_errors], [],
 my $port = AQ::free_port();
 my $query_timeout_ms = 1000 * AQ::slow();
 my $long_ms = 30000 * AQ::slow();
+my $body_timeout_ms = 1000 * AQ::slow();
 
 sub endpoints {
     my ($indent) = @_;
@@ -159,6 +161,9 @@ $http .= server('slow.test', <<"_EOC_");
         annotation_queue_pool_size 4;
         annotation_queue_connect_timeout ${long_ms}ms;
         annotation_queue_query_timeout ${query_timeout_ms}ms;
+_EOC_
+$http .= server('trickle.test', <<"_EOC_");
+        client_body_timeout ${body_timeout_ms}ms;
 _EOC_
 $http .= server('limited.test',
                 '        annotation_queue_limit zone=tight;');
@@ -444,6 +449,24 @@ for my $a (@ITEM_ACTIONS) {
 {
     my $res = AQ::Contract::request($port, uri => $URI{claim}, method => 'HEAD');
     is($res->{body}, '', 'HEAD: no body after the 405 head');
+}
+
+# ---------------------------------------------------------------------------
+# 408: a body that stops coming (trickle.test: client_body_timeout 1 s)
+
+{
+    my %flight;
+    for my $a (@ACTIONS) {
+        $flight{$a} = AQ::Contract::start_request(
+            $port, host => 'trickle.test', uri => $URI{$a}, key => $k,
+            body => '{"queue_id":', length => 100,
+            timeout => 30);
+    }
+    for my $a (@ACTIONS) {
+        verify("trickle.test: $a whose body stops after 12 of 100 bytes",
+               AQ::Contract::finish_request($flight{$a}), 408,
+               'request_timeout');
+    }
 }
 
 # ---------------------------------------------------------------------------

@@ -322,7 +322,8 @@ sub json_of {
 #
 #   request($port, method => 'POST', uri => '/api/...', host => 'api.test',
 #           key => $key, authorization => 'Basic x', body => '{...}',
-#           chunks => [...], raw_body => "bytes", headers => ['X: y'],
+#           length => 100 (announced instead of the body's),
+#           chunks => [...], raw_body => "chunked bytes", headers => ['X: y'],
 #           timeout => 10)
 #
 # returns { method, uri, status, header_list => [[name, value]...],
@@ -350,7 +351,7 @@ sub start_request {
         $body = $o{raw_body};
     } elsif (defined $o{body}) {
         push @h, 'Content-Type: application/json',
-                 'Content-Length: ' . length $o{body};
+                 'Content-Length: ' . ($o{length} // length $o{body});
         $body = $o{body};
     }
     my $req = "$method $uri HTTP/1.1\r\n" . join('', map { "$_\r\n" } @h)
