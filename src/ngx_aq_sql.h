@@ -25,13 +25,16 @@
  *        unique_violation, and the pool runs it again, which then
  *        resumes);
  * held   mine, if its lease is live (resume: a refresh or a retried request
- *        gets the same item and version back), locked FOR SHARE, with the
- *        conditions checked again on the row once locked: a claim of
- *        another key that is taking the item at the instant its lease ends
- *        holds it FOR UPDATE, so the resume waits for that claim to end,
- *        then finds the item no longer the key's and claims another; once
- *        the resume holds it, the other claim skips it.  The old holder
- *        and a new one are never both told they hold it;
+ *        gets the same item and version back), locked FOR SHARE SKIP
+ *        LOCKED, with the conditions checked again on the row once locked.
+ *        A claim of another key that takes the item at the instant its
+ *        lease ends (by that claim's clock) holds it FOR UPDATE: the resume
+ *        skips it and the key claims another item (its new entry in
+ *        items_holder_idx waits for that claim to end; should the claim
+ *        roll back, it fails with unique_violation and the pool runs it
+ *        again, which then resumes); once the resume holds the item, the
+ *        other claim skips it.  The old holder and a new one are never
+ *        both told they hold it;
  * mine_expired
  *        mine, if its lease expired unclaimed: claimed again by the key
  *        (locked SKIP LOCKED; the conditions are checked again on the row
@@ -100,7 +103,7 @@
     "       AND i.claimed_by = (SELECT id FROM k) AND i.queue_id = $2 "       \
     "       AND i.status = 'claimed' "                                        \
     "       AND coalesce(i.lease_expires_at, '-infinity') > now() "           \
-    "       FOR SHARE "                                                       \
+    "       FOR SHARE SKIP LOCKED "                                           \
     "), mine_expired AS MATERIALIZED ( "                                      \
     "    SELECT i.id, i.version "                                             \
     "      FROM annotation_queue.items i "                                    \
@@ -206,8 +209,8 @@
  *
  * One row per digest, in their order, with the single claim's columns.
  * Each key is checked, a key holding a live claim gets it back (locked FOR
- * SHARE, as in the single claim, but SKIP LOCKED: a batch never waits),
- * and a key given twice gets one item.  The keys that need an item take,
+ * SHARE SKIP LOCKED, as in the single claim), and a key given twice gets
+ * one item.  The keys that need an item take,
  * in their order, the first items of the single claim's order (walk and
  * next, limited to their number): exactly what successive single claims
  * would hand out, and only those rows are locked.  A request it leaves

@@ -305,12 +305,14 @@ for my $code (qw(40P01 40001)) {
 # still sees live; another key's claim of that item is in flight (its lease
 # ended by that claim's clock): the item is locked and updated to the
 # other key, not yet committed.  A claim of the old holder whose clock
-# still says "live" must not answer that item: it waits for the other
-# claim, finds the item no longer its own, and claims another.  (The
+# still says "live" must not answer that item: it skips the locked item
+# and claims another (whose entry in the unique holder index waits for
+# the other claim to end).  (The
 # instant cannot be made through nginx alone, since the other claim's
 # clock must be later than the old holder's while its update comes first:
 # a session of the test plays the other claim, doing what its statement
-# does.)  If that claim rolls back, the old holder gets its item back.
+# does.)  If that claim rolls back, the old holder gets its item back
+# (its new claim fails on the holder index and runs again, resuming).
 for my $end (qw(commit rollback)) {
     my $what = "resume while another key's claim of the item is in flight ($end)";
     my $q = AQ::queue($org, "instant-$end");
