@@ -1,11 +1,15 @@
 # The module loads; its directives are accepted where documented (http,
 # server, location) and merge down; invalid values make the configuration
-# fail.
+# fail, nginx -t printing what is wrong and where (each error of the
+# module's directives and of the limit zones); the module with only a
+# status page (no endpoint, no database) runs and its workers exit cleanly.
 use strict;
 use warnings;
 
 use lib 't/lib';
 use AQ;
+use AQ::Faults;
+use POSIX ();
 use Test::Nginx::Socket 'no_plan';
 
 our $org = AQ::org('build');
@@ -59,6 +63,323 @@ _EOC_
     isnt($rc, 0, 'nginx -t refuses annotation_queue_pool_size many');
     like($out, qr/annotation_queue_pool_size/, 'nginx -t names the directive')
         or diag $out;
+}
+
+# ---------------------------------------------------------------------------
+# Configurations that nginx -t refuses, each with the message nginx prints
+# (the operator's clue).  For an error found at the directive, the message
+# names the directive's own line; for one found once the http block is read
+# (merging the levels, the status zone), nginx names the http block's end.
+
+# An nginx.conf (paths relative to nginx's prefix): the module loaded;
+# annotation_queue_database at http level unless database => '' (or
+# database => 'conninfo'); $o{http} more http directives; one server whose
+# locations are $o{locations}, by default a claim location holding
+# $o{location}.
+sub conf_text {
+    my (%o) = @_;
+    my $load = join '', map { "load_module $_;\n" }
+                        split ' ', $ENV{TEST_NGINX_LOAD_MODULES};
+    my $user = $> == 0 ? "user root;\n" : '';
+    my $workers = $o{workers} // 1;
+    my $port = $o{port} // AQ::free_port();
+    my $dsn = $o{database} // $AQ::DSN;
+    my $db = length $dsn ? qq{    annotation_queue_database "$dsn";\n} : '';
+    my $http = $o{http} // '';
+    $http .= "\n" if length $http && $http !~ /\n\z/;
+    my $location = $o{location} // '';
+    $location .= "\n" if length $location && $location !~ /\n\z/;
+    my $locations = $o{locations} // <<"_EOC_";
+        location = $AQ::URI {
+            annotation_queue_claim;
+$location        }
+_EOC_
+    return <<"_EOC_";
+${load}${user}worker_processes $workers;
+daemon off;
+master_process on;
+error_log logs/error.log info;
+pid logs/nginx.pid;
+
+events {
+    worker_connections 64;
+}
+
+http {
+    access_log off;
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+
+${db}${http}
+    server {
+        listen 127.0.0.1:$port;
+
+${locations}    }
+}
+_EOC_
+}
+
+# The number of the line of $conf that matches $re (the $n-th such line).
+sub line_of {
+    my ($conf, $re, $n) = @_;
+    my @lines = split /\n/, $conf;
+    my @at = grep { $lines[$_] =~ $re } 0 .. $#lines;
+    return defined $at[ ($n // 1) - 1 ] ? $at[ ($n // 1) - 1 ] + 1 : -1;
+}
+
+# nginx -t on conf_text(%o) fails, with exactly one [emerg], whose message
+# is $message (a string, or a pattern); with at => $re (and nth => $n), the
+# message names the line of the directive that matches $re.  Returns the
+# output.
+sub refused {
+    my ($what, $message, %o) = @_;
+    my $conf = conf_text(%o);
+    my ($rc, $out) = AQ::nginx_test_config(conf => $conf);
+    my $msg = ref $message ? $message : qr/\Q$message\E/;
+    isnt($rc, 0, "nginx -t refuses $what") or diag $out;
+    my @emerg = $out =~ /\[emerg\] (?:\d+#\d+: )?(.*)$/mg;
+    my ($said, $line) = @emerg == 1 && $emerg[0] =~ /^($msg) in \S*nginx\.conf:(\d+)$/
+                        ? ($1, $2) : ();
+    ok(defined $said, "nginx -t on $what says: "
+                      . (ref $message ? "$message" : $message))
+        or diag $out;
+    if ($o{at}) {
+        is($line, line_of($conf, $o{at}, $o{nth}),
+           "nginx -t on $what names the line of the offending directive")
+            or diag $conf;
+    }
+    return $out;
+}
+
+# The module's own directives, each refused for what is wrong with it.
+refused('annotation_queue_lease 0 in a location',
+        '"annotation_queue_lease" must be positive',
+        location => '            annotation_queue_lease 0;');
+refused('annotation_queue_lease 0 at http level (the level a location inherits)',
+        '"annotation_queue_lease" must be positive',
+        http => '    annotation_queue_lease 0;');
+refused('annotation_queue_query_timeout 0',
+        'annotation queue timeouts must be positive',
+        location => '            annotation_queue_query_timeout 0;');
+refused('annotation_queue_connect_timeout 0',
+        'annotation queue timeouts must be positive',
+        http => '    annotation_queue_connect_timeout 0s;');
+refused('annotation_queue_claim without any annotation_queue_database',
+        '"annotation_queue_claim" needs "annotation_queue_database"',
+        database => '');
+refused('annotation_queue_complete without any annotation_queue_database',
+        '"annotation_queue_complete" needs "annotation_queue_database"',
+        database => '', locations => <<'_EOC_');
+        location = /api/v1/annotations/complete {
+            annotation_queue_complete;
+        }
+_EOC_
+refused('annotation_queue_database twice in one location',
+        '"annotation_queue_database" directive is duplicate',
+        location => <<'_EOC_', at => qr/dbname=two/);
+            annotation_queue_database "host=127.0.0.1 dbname=one";
+            annotation_queue_database "host=127.0.0.2 dbname=two";
+_EOC_
+refused('two endpoint directives in one location (claim, then extend)',
+        '"annotation_queue_extend" directive is duplicate',
+        location => '            annotation_queue_extend;',
+        at => qr/annotation_queue_extend;/);
+refused('annotation_queue_status in the location of annotation_queue_claim',
+        '"annotation_queue_status" directive is duplicate',
+        location => '            annotation_queue_status;',
+        at => qr/annotation_queue_status;/);
+
+{
+    # The other order: the claim's handler silently replaces the status
+    # page's.  Reported (issue 15); to be refused like the order above.
+    my ($rc, $out) = AQ::nginx_test_config(conf => conf_text(locations => <<"_EOC_"));
+        location = $AQ::URI {
+            annotation_queue_status;
+            annotation_queue_claim;
+        }
+_EOC_
+    TODO: {
+        local $main::TODO = 'the module accepts annotation_queue_claim after '
+                            . 'annotation_queue_status in one location';
+        isnt($rc, 0, 'nginx -t refuses annotation_queue_claim after '
+                     . 'annotation_queue_status in one location');
+    }
+}
+
+{
+    # A conninfo without host: libpq's default (the unix socket) is no host
+    # name, nothing to warn of.
+    my ($rc, $out) = AQ::nginx_test_config(conf => conf_text(database => 'dbname=x'));
+    is($rc, 0, 'nginx -t accepts a conninfo without host ("dbname=x")')
+        or diag $out;
+    unlike($out, qr/\[warn\]/, 'nginx -t: no warning for a conninfo without host')
+        or diag $out;
+}
+
+# annotation_queue_limit_zone
+my $lz = qr/annotation_queue_limit_zone /;
+refused('annotation_queue_limit_zone zone=x (no size)',
+        'invalid zone size "zone=x"',
+        http => '    annotation_queue_limit_zone zone=x rate=1r/s;', at => $lz);
+refused('annotation_queue_limit_zone zone=x:lots (a size that does not parse)',
+        'invalid zone size "zone=x:lots"',
+        http => '    annotation_queue_limit_zone zone=x:lots rate=1r/s;', at => $lz);
+refused('annotation_queue_limit_zone zone=x:16k (under 8 pages)',
+        'zone "zone=x:16k" is too small',
+        http => '    annotation_queue_limit_zone zone=x:16k rate=1r/s;', at => $lz);
+refused('annotation_queue_limit_zone rate=0r/s',
+        'invalid rate "rate=0r/s"',
+        http => '    annotation_queue_limit_zone zone=x:1m rate=0r/s;', at => $lz);
+refused('annotation_queue_limit_zone with an unknown parameter (burst=5)',
+        'invalid parameter "burst=5"',
+        http => '    annotation_queue_limit_zone zone=x:1m burst=5;', at => $lz);
+refused('annotation_queue_limit_zone without zone=',
+        '"annotation_queue_limit_zone" must have "zone" parameter',
+        http => '    annotation_queue_limit_zone rate=1r/s rate=2r/s;', at => $lz);
+refused('the same annotation_queue_limit_zone name declared twice',
+        'annotation_queue_limit_zone "x" is already bound',
+        http => <<'_EOC_', at => $lz, nth => 2);
+    annotation_queue_limit_zone zone=x:1m rate=1r/s;
+    annotation_queue_limit_zone zone=x:1m rate=2r/s;
+_EOC_
+
+# annotation_queue_limit
+my $zone_x = "    annotation_queue_limit_zone zone=x:1m rate=1r/s;\n";
+my $lim = qr/annotation_queue_limit zone|annotation_queue_limit burst/;
+refused('annotation_queue_limit twice in one block',
+        '"annotation_queue_limit" directive is duplicate',
+        http => $zone_x, location => <<'_EOC_', at => $lim, nth => 2);
+            annotation_queue_limit zone=x;
+            annotation_queue_limit zone=x burst=2;
+_EOC_
+refused('annotation_queue_limit naming a limit_req_zone',
+        'the shared memory zone "x" is already declared for a different use',
+        http => '    limit_req_zone $binary_remote_addr zone=x:1m rate=1r/s;',
+        location => '            annotation_queue_limit zone=x;', at => $lim);
+refused('annotation_queue_limit with an unknown parameter (delay=3)',
+        'invalid parameter "delay=3"',
+        http => $zone_x,
+        location => '            annotation_queue_limit zone=x delay=3;', at => $lim);
+refused('annotation_queue_limit burst= without zone=',
+        '"annotation_queue_limit" must have "zone" parameter',
+        http => $zone_x,
+        location => '            annotation_queue_limit burst=3;', at => $lim);
+refused('annotation_queue_limit burst=-1',
+        'invalid burst value "burst=-1"',
+        http => $zone_x,
+        location => '            annotation_queue_limit zone=x burst=-1;', at => $lim);
+refused('annotation_queue_limit naming no annotation_queue_limit_zone',
+        'unknown annotation_queue_limit_zone "y"',
+        http => $zone_x,
+        location => '            annotation_queue_limit zone=y;');
+
+{
+    # The status page's zone is named "annotation_queue_status": a limit
+    # zone of that name clashes with it.
+    my $clash = 'the size \d+ of shared memory zone "annotation_queue_status" '
+                . 'conflicts with already declared size 1048576';
+    my $out = refused(
+        'an annotation_queue_limit_zone named annotation_queue_status',
+        qr/$clash/,
+        http => '    annotation_queue_limit_zone zone=annotation_queue_status:1m rate=1r/s;');
+    my ($size) = $out =~ /the size (\d+) of shared memory zone/;
+
+    # Of the very size of the status zone, nginx finds no conflict and the
+    # status zone takes the limit zone over (its init and data): nginx
+    # starts, and the worker dies on signal 11 at each claim of a valid key.
+    # Reported (issue 15); the name should be refused whatever the size.
+    SKIP: {
+        skip 'the status zone size is not known', 1 unless $size;
+        my ($rc, $out2) = AQ::nginx_test_config(conf => conf_text(
+            http => "    annotation_queue_limit_zone zone=annotation_queue_status:$size rate=1r/s;",
+            location => '            annotation_queue_limit zone=annotation_queue_status;'));
+        TODO: {
+            local $main::TODO = 'a limit zone named annotation_queue_status of '
+                                . 'the status zone\'s size is accepted';
+            isnt($rc, 0, 'nginx -t refuses a limit zone named '
+                         . "annotation_queue_status of the status zone's size ($size)");
+        }
+    }
+}
+
+# ---------------------------------------------------------------------------
+# The module loaded with only a status page: no endpoint, no database, so no
+# pool.  nginx starts, the page answers 200 with its metrics' headers and no
+# sample, and the workers exit cleanly on QUIT.
+{
+    my $STATUS = '/aq-status';
+    my $port = AQ::free_port();
+    my $conf = conf_text(database => '', workers => 2, port => $port,
+                         locations => <<"_EOC_");
+        location = $STATUS {
+            annotation_queue_status;
+        }
+_EOC_
+    my ($rc, $out) = AQ::nginx_test_config(conf => $conf);
+    is($rc, 0, 'nginx -t accepts the module with only annotation_queue_status')
+        or diag $out;
+
+    my $prefix = AQ::nginx_prefix();
+    open my $fh, '>', "$prefix/conf/nginx.conf" or die $!;
+    print $fh $conf;
+    close $fh;
+    my $pid = fork // die "fork: $!";
+    if ($pid == 0) {
+        open STDOUT, '>', "$prefix/logs/stdout.log";
+        open STDERR, '>', "$prefix/logs/stderr.log";
+        { exec $ENV{TEST_NGINX_BINARY}, '-p', "$prefix/", '-c',
+               "$prefix/conf/nginx.conf" }
+        POSIX::_exit(127);
+    }
+    our $status_only = bless { pid => $pid, prefix => $prefix, port => $port },
+                             'AQ::Nginx';
+    END { AQ::stop_nginx($status_only) if $status_only && $status_only->{pid} }
+
+    my $workers = AQ::Faults::wait_until(10, sub {
+        my $w = AQ::Faults::worker_pids($status_only);
+        return @$w == 2 ? $w : undef;
+    });
+    ok($workers, 'nginx starts with only a status page: two workers run')
+        or diag AQ::slurp("$prefix/logs/stderr.log") . $status_only->error_log;
+
+    my ($st, $h, $body, $err);
+    AQ::Faults::wait_until(10, sub {
+        my $c = AQ::Client->new(port => $port);
+        ($st, $h, $body, $err) = $c->request(method => 'GET', uri => $STATUS);
+        $c->disconnect;
+        return $st;
+    });
+    is($st, 200, 'the status page without pools answers 200')
+        or diag $err // $body;
+    like($h->{'content-type'} // '', qr{^text/plain; version=0\.0\.4},
+         'the status page is Prometheus\' text format');
+    my @lines = split /\n/, $body // '';
+    is_deeply([grep { !/^# / } @lines], [],
+              'the status page without pools has no sample line');
+    is_deeply([map { /^# TYPE (\S+) (\S+)$/ ? "$1 $2" : () } @lines],
+              ['annotation_queue_pool_size gauge',
+               'annotation_queue_connections gauge',
+               'annotation_queue_waiting gauge',
+               'annotation_queue_answers_total counter'],
+              'the status page without pools declares its four metrics');
+
+    kill 'QUIT', $pid;
+    my $exited = AQ::Faults::wait_until(10, sub {
+        return waitpid($pid, POSIX::WNOHANG()) == $pid ? [$?] : undef;
+    });
+    $status_only->{pid} = undef if $exited;
+    ok($exited && $exited->[0] == 0, 'nginx exits on QUIT, with status 0')
+        or diag explain $exited;
+    my $log = $status_only->error_log;
+    my @codes = $log =~ /worker process \d+ exited with code (\d+)/g;
+    is_deeply(\@codes, [0, 0], 'both workers exit with code 0')
+        or diag $log;
+    is_deeply(AQ::Faults::log_problems($log), [],
+              'no alert, crit, emerg or crash in the error log') or diag $log;
+    unlike($log, qr/\[error\]/, 'no error in the error log') or diag $log;
 }
 
 AQ::default_blocks();

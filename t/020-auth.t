@@ -262,3 +262,25 @@ module itself must not log the key.
       AQ::secret_parts($::k{logged2}), AQ::secret_parts($::k{revoked}),
       substr($::malformed{'bad checksum'}, 12)),
  '[error]', '[alert]', '[crit]']
+
+
+
+=== TEST 11: "Bearer<key>" without a space: 401 invalid_authorization, even for a valid key; WWW-Authenticate names no invalid token
+The key glued to the scheme is not read as a key: a valid one would be
+claimed (200) if it were.
+--- request eval
+AQ::claim_req($::queue)
+--- more_headers eval
+"Authorization: Bearer$::k{good}\nContent-Type: application/json"
+--- error_code: 401
+--- response_headers_like
+WWW-Authenticate: Bearer realm="annotation_queue"
+Cache-Control: no-store
+--- response_body_filters eval
+\&AQ::canon
+--- response_body
+{"error":{"code":"invalid_authorization","message":"..."},"success":false}
+--- no_error_log
+[error]
+[alert]
+[crit]
