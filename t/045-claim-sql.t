@@ -279,7 +279,7 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
 #
 # A queue in a state real queues reach: 50,000 live claims at priorities 1
 # to 5 (each lease its own), available items at priority 0 (the head) and
-# -2, 10,000 expired leases at priority -1 and 50,000 completed items.  A
+# -2, 5,000 expired leases at priority -1 and 20,000 completed items.  A
 # claim with a range on the priority above the head reads every live claim
 # (the lease only a filter): hundreds of buffers.  Each statement, both
 # plans, must read fewer than 100 (shared hit + read, EXPLAIN (ANALYZE,
@@ -301,11 +301,11 @@ $dbh->do(q{INSERT INTO annotation_queue.items
            SELECT ?, jsonb_build_object('expired', g), -1, 'claimed',
                   gen_random_uuid(), now() - interval '2 hours',
                   now() - interval '1 hour' + g * interval '1 millisecond', 1, 1
-             FROM generate_series(1, 10000) AS g}, undef, $dirty);
+             FROM generate_series(1, 5000) AS g}, undef, $dirty);
 $dbh->do(q{INSERT INTO annotation_queue.items
                (queue_id, payload, priority, status, version, attempts, completed_at)
            SELECT ?, jsonb_build_object('done', g), g % 10, 'completed', 2, 1, now()
-             FROM generate_series(1, 50000) AS g}, undef, $dirty);
+             FROM generate_series(1, 20000) AS g}, undef, $dirty);
 my $head = AQ::enqueue($dirty, 'dirty-head', '{"dirty": "head"}', 0);
 $label_of{$head} = 'dirty-head';
 AQ::enqueue($dirty, undef, '{"dirty": 0}', 0) for 1 .. 20;
