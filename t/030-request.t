@@ -738,3 +738,21 @@ client sent too long header line
 --- no_error_log
 [alert]
 [crit]
+
+
+
+=== TEST 37: a malformed header line: nginx's own 400 before any location is chosen (HTML, as for header lines too long), never a 5xx
+Inside the module's locations nginx's own 400 (an invalid chunked body) is
+the JSON bad_request: t/095-logging.t TEST 4.
+--- raw_request eval
+"POST $AQ::URI HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+. "Authorization: Bearer aqk_0123\r\nNo colon in this header line\r\n"
+. "Content-Length: 2\r\n\r\n{}"
+--- error_code: 400
+--- response_headers_like
+Content-Type: text/html
+--- error_log
+client sent invalid header line
+--- no_error_log
+[alert]
+[crit]
