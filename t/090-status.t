@@ -66,11 +66,15 @@ our $tarpit = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
     my $sport = AQ::free_port();
     my $tarpit_dsn = 'host=127.0.0.1 port=' . $tarpit->sockport
                      . " user=postgres dbname=$AQ::DB password=$PASSWORD";
+    # the claims stay blocked and the tarpit connecting while the page is
+    # read: both bounds scale with AQ::slow()
+    my $query_timeout = 10 * AQ::slow();
+    my $tarpit_timeout = 3 * AQ::slow();
     my $ngx = AQ::start_nginx(workers => 2, location => 'add_header X-Worker $pid always;',
                               http => <<"_EOC_");
     annotation_queue_pool_size 1;
     annotation_queue_max_waiting 8;
-    annotation_queue_query_timeout 10s;
+    annotation_queue_query_timeout ${query_timeout}s;
 
     server {
         listen 127.0.0.1:$sport;
@@ -82,7 +86,7 @@ our $tarpit = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
         location = /tarpit {
             annotation_queue_database "$tarpit_dsn";
             annotation_queue_pool_size 3;
-            annotation_queue_connect_timeout 3s;
+            annotation_queue_connect_timeout ${tarpit_timeout}s;
             annotation_queue_claim;
         }
     }
