@@ -32,6 +32,8 @@ static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static void ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf,
     PQconninfoOption *opts);
+static char *ngx_http_annotation_queue_check_positive(ngx_conf_t *cf,
+    void *post, void *data);
 static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_annotation_queue_status(ngx_conf_t *cf,
@@ -41,6 +43,10 @@ static ngx_int_t ngx_http_annotation_queue_postconfiguration(ngx_conf_t *cf);
 
 static ngx_conf_num_bounds_t  ngx_http_annotation_queue_pool_size_bounds = {
     ngx_conf_check_num_bounds, 1, 1024
+};
+
+static ngx_conf_post_t  ngx_http_annotation_queue_positive_msec = {
+    ngx_http_annotation_queue_check_positive
 };
 
 
@@ -107,14 +113,14 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_annotation_queue_loc_conf_t, connect_timeout),
-      NULL },
+      &ngx_http_annotation_queue_positive_msec },
 
     { ngx_string("annotation_queue_query_timeout"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_annotation_queue_loc_conf_t, query_timeout),
-      NULL },
+      &ngx_http_annotation_queue_positive_msec },
 
     { ngx_string("annotation_queue_max_body_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -142,7 +148,7 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       ngx_conf_set_msec_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_annotation_queue_loc_conf_t, lease),
-      NULL },
+      &ngx_http_annotation_queue_positive_msec },
 
       ngx_null_command
 };
@@ -169,7 +175,7 @@ ngx_module_t  ngx_http_annotation_queue_module = {
     ngx_http_annotation_queue_commands,    /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_aq_status_init_module,             /* init module */
     ngx_http_annotation_queue_init_process, /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -458,18 +464,6 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
         return NGX_CONF_ERROR;
     }
 
-    if (conf->lease == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"annotation_queue_lease\" must be positive");
-        return NGX_CONF_ERROR;
-    }
-
-    if (conf->query_timeout == 0 || conf->connect_timeout == 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "annotation queue timeouts must be positive");
-        return NGX_CONF_ERROR;
-    }
-
     if (conf->action == NULL) {
         return NGX_CONF_OK;
     }
@@ -688,6 +682,22 @@ ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf, PQconninfoOption *opts)
 }
 
 
+/* the timeouts and the lease: 0 would mean "at once", never what is meant */
+
+static char *
+ngx_http_annotation_queue_check_positive(ngx_conf_t *cf, void *post,
+    void *data)
+{
+    ngx_msec_t  *ms = data;
+
+    if (*ms == 0) {
+        return "must be positive";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 /* annotation_queue_claim, _extend, _release, _complete: one a location */
 
 static char *
@@ -698,13 +708,14 @@ ngx_http_annotation_queue_action(ngx_conf_t *cf, ngx_command_t *cmd,
 
     ngx_http_core_loc_conf_t  *clcf;
 
-    if (alcf->action) {
-        return "is duplicate";
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (alcf->action || clcf->handler) {
+        return "conflicts with another endpoint or content handler of this "
+               "location (one a location)";
     }
 
     alcf->action = cmd->post;
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     clcf->handler = ngx_http_annotation_queue_handler;
 
     return NGX_CONF_OK;
@@ -720,7 +731,8 @@ ngx_http_annotation_queue_status(ngx_conf_t *cf, ngx_command_t *cmd,
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
 
     if (clcf->handler) {
-        return "is duplicate";
+        return "conflicts with another endpoint or content handler of this "
+               "location (one a location)";
     }
 
     clcf->handler = ngx_aq_status_handler;

@@ -279,6 +279,7 @@ ngx_int_t ngx_aq_limit_headers(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
 
 /* ngx_aq_status.c */
 ngx_int_t ngx_aq_status_add_zone(ngx_conf_t *cf);
+ngx_int_t ngx_aq_status_init_module(ngx_cycle_t *cycle);
 void ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool);
 void ngx_aq_status_publish(ngx_aq_pool_t *pool);
 void ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);

@@ -437,6 +437,16 @@ ngx_aq_limit_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
             name.len = p - name.data;
 
+            if (name.len == sizeof("annotation_queue_status") - 1
+                && ngx_strncmp(name.data, "annotation_queue_status",
+                               name.len) == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone name \"%V\" is reserved for the "
+                                   "status page", &name);
+                return NGX_CONF_ERROR;
+            }
+
             s.data = p + 1;
             s.len = value[i].data + value[i].len - s.data;
 

@@ -85,8 +85,51 @@ ngx_aq_status_add_zone(ngx_conf_t *cf)
         return NGX_ERROR;
     }
 
+    if (shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "shared memory zone \"%V\" is the status page's",
+                           &ngx_aq_status_zone_name);
+        return NGX_ERROR;
+    }
+
     shm_zone->init = ngx_aq_status_init_zone;
     shm_zone->data = amcf;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The slots were sized at postconfiguration by worker_processes as it was
+ * then: a worker_processes after the http block would leave workers
+ * without a slot (and off the page).
+ */
+
+ngx_int_t
+ngx_aq_status_init_module(ngx_cycle_t *cycle)
+{
+    ngx_uint_t                              workers;
+    ngx_core_conf_t                        *ccf;
+    ngx_http_annotation_queue_main_conf_t  *amcf;
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                           ngx_http_annotation_queue_module);
+
+    if (amcf == NULL || amcf->stats == NULL) {
+        return NGX_OK;
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    workers = (ccf->worker_processes <= 0)
+              ? 1 : (ngx_uint_t) ccf->worker_processes;
+
+    if (workers != amcf->workers) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "\"worker_processes\" must come before the \"http\" "
+                      "block when annotation queue locations are configured");
+        return NGX_ERROR;
+    }
 
     return NGX_OK;
 }

@@ -156,17 +156,21 @@ sub refused {
 
 # The module's own directives, each refused for what is wrong with it.
 refused('annotation_queue_lease 0 in a location',
-        '"annotation_queue_lease" must be positive',
-        location => '            annotation_queue_lease 0;');
+        '"annotation_queue_lease" directive must be positive',
+        location => '            annotation_queue_lease 0;',
+        at => qr/annotation_queue_lease 0;/);
 refused('annotation_queue_lease 0 at http level (the level a location inherits)',
-        '"annotation_queue_lease" must be positive',
-        http => '    annotation_queue_lease 0;');
+        '"annotation_queue_lease" directive must be positive',
+        http => '    annotation_queue_lease 0;',
+        at => qr/annotation_queue_lease 0;/);
 refused('annotation_queue_query_timeout 0',
-        'annotation queue timeouts must be positive',
-        location => '            annotation_queue_query_timeout 0;');
+        '"annotation_queue_query_timeout" directive must be positive',
+        location => '            annotation_queue_query_timeout 0;',
+        at => qr/annotation_queue_query_timeout 0;/);
 refused('annotation_queue_connect_timeout 0',
-        'annotation queue timeouts must be positive',
-        http => '    annotation_queue_connect_timeout 0s;');
+        '"annotation_queue_connect_timeout" directive must be positive',
+        http => '    annotation_queue_connect_timeout 0s;',
+        at => qr/annotation_queue_connect_timeout 0s;/);
 refused('annotation_queue_claim without any annotation_queue_database',
         '"annotation_queue_claim" needs "annotation_queue_database"',
         database => '');
@@ -184,30 +188,22 @@ refused('annotation_queue_database twice in one location',
             annotation_queue_database "host=127.0.0.2 dbname=two";
 _EOC_
 refused('two endpoint directives in one location (claim, then extend)',
-        '"annotation_queue_extend" directive is duplicate',
+        '"annotation_queue_extend" directive conflicts with another endpoint or content handler of this location (one a location)',
         location => '            annotation_queue_extend;',
         at => qr/annotation_queue_extend;/);
 refused('annotation_queue_status in the location of annotation_queue_claim',
-        '"annotation_queue_status" directive is duplicate',
+        '"annotation_queue_status" directive conflicts with another endpoint or content handler of this location (one a location)',
         location => '            annotation_queue_status;',
         at => qr/annotation_queue_status;/);
 
-{
-    # The other order: the claim's handler silently replaces the status
-    # page's.  Reported (issue 15); to be refused like the order above.
-    my ($rc, $out) = AQ::nginx_test_config(conf => conf_text(locations => <<"_EOC_"));
+refused('annotation_queue_claim after annotation_queue_status in one location',
+        '"annotation_queue_claim" directive conflicts with another endpoint or content handler of this location (one a location)',
+        locations => <<"_EOC_", at => qr/annotation_queue_claim;/);
         location = $AQ::URI {
             annotation_queue_status;
             annotation_queue_claim;
         }
 _EOC_
-    TODO: {
-        local $main::TODO = 'the module accepts annotation_queue_claim after '
-                            . 'annotation_queue_status in one location';
-        isnt($rc, 0, 'nginx -t refuses annotation_queue_claim after '
-                     . 'annotation_queue_status in one location');
-    }
-}
 
 {
     # A conninfo without host: libpq's default (the unix socket) is no host
@@ -276,33 +272,28 @@ refused('annotation_queue_limit naming no annotation_queue_limit_zone',
         http => $zone_x,
         location => '            annotation_queue_limit zone=y;');
 
-{
-    # The status page's zone is named "annotation_queue_status": a limit
-    # zone of that name clashes with it.
-    my $clash = 'the size \d+ of shared memory zone "annotation_queue_status" '
-                . 'conflicts with already declared size 1048576';
-    my $out = refused(
-        'an annotation_queue_limit_zone named annotation_queue_status',
-        qr/$clash/,
-        http => '    annotation_queue_limit_zone zone=annotation_queue_status:1m rate=1r/s;');
-    my ($size) = $out =~ /the size (\d+) of shared memory zone/;
+# The status page's zone is named "annotation_queue_status": a limit zone
+# of that name is refused at its directive, whatever its size (of the very
+# size of the status zone, nginx would otherwise hand the status page the
+# limit zone's memory).
+refused('an annotation_queue_limit_zone named annotation_queue_status',
+        'zone name "annotation_queue_status" is reserved for the status page',
+        http => '    annotation_queue_limit_zone zone=annotation_queue_status:1m rate=1r/s;',
+        at => qr/zone=annotation_queue_status:1m/);
+refused('an annotation_queue_limit_zone named annotation_queue_status, small',
+        'zone name "annotation_queue_status" is reserved for the status page',
+        http => '    annotation_queue_limit_zone zone=annotation_queue_status:33888 rate=1r/s;',
+        at => qr/zone=annotation_queue_status:33888/);
 
-    # Of the very size of the status zone, nginx finds no conflict and the
-    # status zone takes the limit zone over (its init and data): nginx
-    # starts, and the worker dies on signal 11 at each claim of a valid key.
-    # Reported (issue 15); the name should be refused whatever the size.
-    SKIP: {
-        skip 'the status zone size is not known', 1 unless $size;
-        my ($rc, $out2) = AQ::nginx_test_config(conf => conf_text(
-            http => "    annotation_queue_limit_zone zone=annotation_queue_status:$size rate=1r/s;",
-            location => '            annotation_queue_limit zone=annotation_queue_status;'));
-        TODO: {
-            local $main::TODO = 'a limit zone named annotation_queue_status of '
-                                . 'the status zone\'s size is accepted';
-            isnt($rc, 0, 'nginx -t refuses a limit zone named '
-                         . "annotation_queue_status of the status zone's size ($size)");
-        }
-    }
+# worker_processes after the http block: the status page's slots were
+# counted before it; refused rather than leaving workers off the page.
+{
+    (my $conf = conf_text()) =~ s/^worker_processes .*\n//m;
+    $conf .= "worker_processes 2;\n";
+    my ($rc, $out) = AQ::nginx_test_config(conf => $conf);
+    isnt($rc, 0, 'nginx -t refuses worker_processes after the http block') or diag $out;
+    like($out, qr/\[emerg\].*"worker_processes" must come before the "http" block/,
+         'nginx -t on worker_processes after the http block says why');
 }
 
 # ---------------------------------------------------------------------------
