@@ -740,5 +740,6 @@ _EOC_
 --- response_body eval
 AQ::error_body('body_too_large') . "row unchanged\n"
 --- no_error_log
+[error]
 [alert]
 [crit]
