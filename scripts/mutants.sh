@@ -13,19 +13,23 @@
 # ngx_http_annotation_queue_module.mutants the top file.  A list holds
 # blocks:
 #
-#   === pool-gather-any-queue
-#   suites: t/055-batch.t t/050-concurrency.t
-#   why: a batch takes claims of other queues and leases along
+#   === limit-burst-off-by-one
+#   suites: t/080-limit.t
+#   why: a key gets burst answers instead of burst + 1 before 429
 #   --- original
-#               || ngx_strcmp(q->values[1], first->values[1]) != 0
+#       if ((ngx_uint_t) excess > alcf->limit_burst) {
 #   --- mutant
-#               || 0
+#       if ((ngx_uint_t) excess >= alcf->limit_burst) {
 #   --- end
 #
-# "original" is exact text (lines as they are, spaces included) that must
-# occur exactly once in the file: when the code moves, the mutant is stale
-# and the run fails before anything is built, until the list is brought up
-# to date.  Lines starting with "#" outside a block are comments.
+# name (letters, digits, - and _), the suites that should notice (in the
+# order to run them: the quickest sure killer first), one line of why, and
+# the fault: "original" is exact text (whole lines as they are, spaces
+# included) that must occur exactly once in the file, replaced by "mutant"
+# (which may be empty).  When the code moves, the mutant is stale and the
+# run fails before anything is built, until the list is brought up to date
+# (--check says so in a second).  Lines starting with "#" outside a block
+# are comments.
 #
 # Each mutant, in a shadow tree (build/mutants/tree, a copy of the working
 # tree's files, nginx configured once in build/mutants/nginx as the top
@@ -70,6 +74,19 @@ for arg in "$@"; do
 done
 
 start_time=$(date +%s)
+mkdir -p "$mut"
+
+if [ "$mode" = run ]; then
+    # one run at a time: they share the shadow tree and build
+    exec 9> "$mut/lock"
+    if ! flock -n 9; then
+        echo "mutants: another run holds build/mutants/lock" >&2
+        exit 1
+    fi
+else
+    work=$(mktemp -d "${TMPDIR:-/tmp}/aq-mutants.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+fi
 
 # ---------------------------------------------------------------------------
 # The lists: parsed and checked into $work (index + one file per text).
@@ -364,7 +381,7 @@ export TEST_NGINX_BINARY="$nginx_bin"
 
 # run_suite SUITE MODULE LOG LIMIT: the suite's exit status (124: stopped)
 run_suite() {
-    local suite=$1 module=$2 log=$3 limit=$4 dir rc=0
+    local suite=$1 module=$2 log=$3 limit=$4 keep=${5:-} dir rc=0
     dir=$(mktemp -d "$run_tmp/suites/s.XXXXXX")
     chmod 711 "$dir"
     mkdir -p "$dir/servroot"
@@ -374,6 +391,11 @@ run_suite() {
         timeout -k 20 "$limit" prove -I t/lib "$suite") > "$log" 2>&1 || rc=$?
     reap_nginx "$dir"
     reap_pg "$dir"
+    if [ "$rc" -ne 0 ] && [ -n "$keep" ]; then
+        rm -rf "$keep"
+        cp -r "$dir/servroot" "$keep" 2>/dev/null || true
+        cp "$run_tmp/pg/postgresql.log" "$keep/" 2>/dev/null || true
+    fi
     rm -rf "$dir"
     return "$rc"
 }
@@ -414,13 +436,15 @@ if [ "${MUTANTS_BASELINE:-1}" != 0 ]; then
         t0=$(date +%s)
         rc=0
         run_suite "$s" "$mut/pristine.so" "$logs/baseline/$(basename "$s").log" \
-            "${MUTANTS_SUITE_TIMEOUT:-1800}" || rc=$?
+            "${MUTANTS_SUITE_TIMEOUT:-1800}" \
+            "$logs/baseline/$(basename "$s" .t)-servroot" || rc=$?
         t=$(( $(date +%s) - t0 ))
         if [ "$rc" -ne 0 ]; then
             echo "baseline $s: FAILED without a mutant ($t s): $(first_failure \
                 "$logs/baseline/$(basename "$s").log")" >&2
             echo "mutants: a suite that fails without a mutant kills every" \
-                 "mutant: fix it first (log: build/mutants/logs/baseline/)" >&2
+                 "mutant: fix it first (its log, nginx server roots and" \
+                 "PostgreSQL log: build/mutants/logs/baseline/)" >&2
             exit 1
         fi
         echo "$s $t" >> "$run_tmp/baseline"
