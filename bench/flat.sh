@@ -266,7 +266,7 @@ run_pgbench() {   # queue clients seconds label
     tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<<"$out")
     tps=$(awk '/^tps = / {print $3}' <<<"$out")
     failed=$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' <<<"$out")
-    aborted=$(grep -c 'aborted' <<<"$out" || true)
+    aborted=$(grep -cE 'client [0-9]+ .*aborted' <<<"$out" || true)
     [ -n "$tx" ] || { echo "$out" >&2; die "pgbench failed (rc $rc)"; }
     [ -n "$tps" ] || tps=0
     read -r p50 p99 < <(pct "$prefix".[0-9]*)
@@ -483,7 +483,7 @@ if [ "$SUSTAINED" -gt 0 ]; then
         bench_violation sustained "keys exhausted: raise BENCH_KEYS (transactions past them claim nothing)"
     read -r claimed _ dupi dupk nv <<<"$(bench_check_pgbench sustained "$q" "$tx" "$rc" \
         "$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' "$prefix.out")" \
-        "$(cat "$prefix.out" "$prefix.progress" | grep -c 'aborted' || true)")"
+        "$(cat "$prefix.out" "$prefix.progress" | grep -cE 'client [0-9]+ .*aborted' || true)")"
     tps=$(awk '/^tps = / {printf "%.0f", $3}' "$prefix.out")
     sus_lines=$(grep -E '^progress:' "$prefix.progress" || true)
     # PostgreSQL's log since the run started: each autovacuum of items (its

@@ -249,7 +249,7 @@ run_pgbench() {   # clients seconds label
     tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<<"$out")
     tps=$(awk '/^tps = / {print $3}' <<<"$out")
     failed=$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' <<<"$out")
-    aborted=$(grep -c 'aborted' <<<"$out" || true)
+    aborted=$(grep -cE 'client [0-9]+ .*aborted' <<<"$out" || true)
     [ -n "$tx" ] || { echo "$out" >&2; die "pgbench failed (rc $rc)"; }
     [ -n "$tps" ] || tps=0    # no transaction finished (a collapse under load)
     read -r p50 p99 < <(cat "$prefix".[0-9]* 2>/dev/null | awk '{print $3}' | sort -n | awk '
@@ -382,7 +382,7 @@ if [ "${BENCH_PERF:-0}" = 1 ]; then
     bench_check_pgbench "perf pgbench run" "$queue" \
         "$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' "$work/perf-pgbench.out")" \
         "$rc" "$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' "$work/perf-pgbench.out")" \
-        "$(grep -c 'aborted' "$work/perf-pgbench.out" || true)" >/dev/null
+        "$(grep -cE 'client [0-9]+ .*aborted' "$work/perf-pgbench.out" || true)" >/dev/null
     reset
 
     if [ -s "$work/perf-module.data" ]; then
