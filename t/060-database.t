@@ -45,7 +45,7 @@ sub error_code_of {
 
 # The query timeout of the standalone parts: the lock is held across
 # several steps, each waiting for nginx; no claim may time out meanwhile.
-our $QUERY_TIMEOUT = 10 * AQ::slow();
+our $QUERY_TIMEOUT = AQ::Faults::scaled(10);
 
 # The waiting list of the pools of the standalone nginx whose status page
 # is on $sport (-1 if it does not answer).

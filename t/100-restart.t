@@ -40,8 +40,8 @@ use Time::HiRes qw(time sleep);
 
 my $WORKERS         = 2;
 my $POOL            = 3;
-my $CONNECT_TIMEOUT = 5 * AQ::slow();     # seconds
-my $QUERY_TIMEOUT   = 10 * AQ::slow();
+my $CONNECT_TIMEOUT = AQ::Faults::scaled(5);     # seconds, times AQ::slow()
+my $QUERY_TIMEOUT   = AQ::Faults::scaled(10);
 # "at once": each 503 of a stopped server within this; one that waited for
 # a timer would take the connect timeout at least
 my $FAST            = $CONNECT_TIMEOUT / 2;

@@ -47,7 +47,7 @@ my %k;
 sub key_of { my ($name) = @_; return $k{$name} //= AQ::key($org, rater => $name) }
 
 my $TIMEOUT = 1;    # annotation_queue_query_timeout, seconds
-my $CONNECT = 2;    # annotation_queue_connect_timeout, unless told
+my $CONNECT = AQ::Faults::scaled(2);    # annotation_queue_connect_timeout, unless told
 my $LATE    = 2 * AQ::slow();    # how late after its timer an answer may come
 
 sub slow_nginx {
@@ -260,7 +260,7 @@ AQ::Faults::install_gate();
     my $what = 'claims waiting behind a blocked one';
     my $queue = AQ::queue($org, 'slow-gate');
     AQ::enqueue_many($queue, 10);
-    my $ngx = slow_nginx(connect => 5 * AQ::slow());
+    my $ngx = slow_nginx(connect => AQ::Faults::scaled(5));
     my ($warm) = claim($ngx, $queue, key_of('g-warm'));
     is($warm, '200 item', "$what: a first claim answers 200");
     my %old = map { $_ => 1 } @{ backend_pids() };
@@ -328,10 +328,13 @@ AQ::Faults::install_gate();
     my $what = 'annotation_queue_max_waiting 0';
     my $queue = AQ::queue($org, 'no-waiting');
     AQ::enqueue_many($queue, 5);
-    my $ngx = AQ::start_nginx(workers => 1, http => <<'_EOC_');
+    # (the slow claim's query timeout must outlast the steps that wait
+    # while it is blocked)
+    my $query_timeout = AQ::Faults::scaled(10);
+    my $ngx = AQ::start_nginx(workers => 1, http => <<"_EOC_");
     annotation_queue_pool_size 1;
     annotation_queue_max_waiting 0;
-    annotation_queue_query_timeout 5s;
+    annotation_queue_query_timeout ${query_timeout}s;
 _EOC_
 
     my ($o1, undef, $b1) = claim($ngx, $queue, key_of('nw-first'));

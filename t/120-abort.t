@@ -46,12 +46,16 @@ my @keys = @{ AQ::keys_for($org, 600) };
 my $next_key = 0;
 sub fresh_key { return $keys[ $next_key++ ] // die "out of keys\n" }
 
+# The timeouts times AQ::slow(); the claims blocked by the lock must not
+# time out while the steps around them wait for nginx.
+my $CONNECT_TIMEOUT = AQ::Faults::scaled(2);
+my $QUERY_TIMEOUT   = AQ::Faults::scaled(10);
 my $sport = AQ::free_port();    # the status page
 my $ngx = AQ::start_nginx(workers => 1, http => <<"_EOC_" . AQ::Faults::status_server($sport));
     annotation_queue_pool_size $POOL;
     annotation_queue_max_waiting 64;
-    annotation_queue_connect_timeout 2s;
-    annotation_queue_query_timeout 5s;
+    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;
+    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
 _EOC_
 my $port = $ngx->port;
 
@@ -263,7 +267,7 @@ cmp_ok(AQ::Faults::backends(), '<=', $POOL,
 # that nobody else gets the items before it ends (3 s, times AQ::slow()).
 {
     my $what = 'lease';
-    my $lease = 3 * AQ::slow();
+    my $lease = AQ::Faults::scaled(3);
     my $lq = AQ::queue($org, 'short-lease', lease => "$lease seconds");
     my $ids = AQ::enqueue_many($lq, 2, prefix => 'lease');
     my ($ka, $kb, $kc, $kd) = map { AQ::key($org, rater => "lease-$_") } qw(a b c d);
@@ -341,10 +345,10 @@ sub outcome_of {
     my $bq = AQ::queue($org, 'together');
     AQ::enqueue_many($bq, 20);
     my $ssport = AQ::free_port();
-    my $small = AQ::start_nginx(workers => 1, http => <<'_EOC_' . AQ::Faults::status_server($ssport));
+    my $small = AQ::start_nginx(workers => 1, http => <<"_EOC_" . AQ::Faults::status_server($ssport));
     annotation_queue_pool_size 1;
-    annotation_queue_connect_timeout 2s;
-    annotation_queue_query_timeout 10s;
+    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;
+    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
 _EOC_
     my $sport = $small->port;
     is(outcome_of($sport, $bq, fresh_key()), '200 item', "$what: a first claim answers 200");

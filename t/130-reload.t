@@ -63,10 +63,12 @@ my $queue = AQ::queue($org, 'reload');
 AQ::enqueue_many($queue, $CLIENTS * $KEYS);
 my $keys = AQ::keys_for($org, $CLIENTS * $KEYS);
 
+my $CONNECT_TIMEOUT = AQ::Faults::scaled(2);
+my $QUERY_TIMEOUT   = AQ::Faults::scaled(5);
 my $ngx = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_");
     annotation_queue_pool_size $POOL;
-    annotation_queue_connect_timeout 2s;
-    annotation_queue_query_timeout 5s;
+    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;
+    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;
 _EOC_
 my $port = $ngx->port;
 
@@ -287,11 +289,11 @@ AQ::Faults::install_gate();
     # under valgrind (nginx -s reload runs under it too): their query
     # timeout must stay far away, and so must the wait of those waiting
     # for a connection (connect + query timeout)
-    my $query_timeout = 10 * AQ::slow();
+    my $query_timeout = AQ::Faults::scaled(10);
     my $sport = AQ::free_port();
     my $n2 = AQ::start_nginx(workers => $WORKERS, http => <<"_EOC_" . AQ::Faults::status_server($sport));
     annotation_queue_pool_size 1;
-    annotation_queue_connect_timeout 2s;
+    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;
     annotation_queue_query_timeout ${query_timeout}s;
 _EOC_
     # nginx listens before its master forks the workers (under valgrind,

@@ -193,6 +193,11 @@ sub backend_rows {
            ORDER BY pid});
 }
 
+# $seconds times AQ::slow(), in whole seconds (rounded up): a time for
+# nginx's configuration (which takes no fractions of a second) and for the
+# bounds derived from it.
+sub scaled { return POSIX::ceil($_[0] * AQ::slow()) }
+
 # Polls $cond every 50 ms until it is true or $timeout seconds (times
 # AQ::slow(): what nginx has to bring about takes longer under valgrind)
 # passed; returns its last value.
