@@ -5,9 +5,13 @@
 #   bench_workdir NAME            $work, and a cleanup on exit that stops
 #                                 nginx ($nginx_pid) and PostgreSQL
 #   bench_keys ORG N [FIRST]      bench.keys: N keys of ORG, by index i from
-#                                 FIRST (1), the plaintext (for wrk) and the
-#                                 digest (pgbench); and bench.dirty (empty)
-#   bench_statements              $work/claim.sql and $work/claim.pgbench
+#                                 FIRST (1), the plaintext (for wrk), the
+#                                 digest (pgbench) and the api_keys id; and
+#                                 bench.dirty (empty)
+#   bench_statements              $work/claim.sql, $work/claim.pgbench (the
+#                                 module's statement, from $BENCH_SQL_HEADER
+#                                 or src/ngx_aq_sql.h) and
+#                                 $work/minimal.pgbench (bench/minimal.sql)
 #   bench_start_nginx DSN WORKERS POOL
 #                                 $nginx_pid, $url, $status_url, $errlog
 #   bench_quiesce                 wait until nginx has no claim in flight
@@ -15,7 +19,10 @@
 #   bench_check_pgbench LABEL QUEUE TX RC FAILED ABORTED
 #                                 the checks after a run, against the
 #                                 database; violations go to
-#                                 $work/violations
+#                                 $work/violations; with BENCH_KEY_RANGE
+#                                 ("FIRST LAST") set, only the claims of
+#                                 those bench keys count (runs that do not
+#                                 put the claims back: bench/dirty.sh)
 #   bench_verdict                 print every violation; non-zero if any
 #   log, die, median, sum, log_problems, errlog_lines
 
@@ -85,7 +92,8 @@ CREATE SCHEMA IF NOT EXISTS bench;
 CREATE TABLE IF NOT EXISTS bench.keys (
     i       integer PRIMARY KEY,
     key     text    NOT NULL,
-    digest  bytea   NOT NULL
+    digest  bytea   NOT NULL,
+    id      uuid
 );
 CREATE TABLE IF NOT EXISTS bench.dirty (
     id      uuid    PRIMARY KEY,
@@ -95,18 +103,32 @@ INSERT INTO bench.keys (i, key, digest)
 SELECT g, k, annotation_queue.key_hash(k)
   FROM (SELECT g, annotation_queue.create_api_key(:'org', 'rater ' || g) AS k
           FROM generate_series(:first, :last) AS g) AS s;
+-- the key's api_keys.id (what items.claimed_by holds), so that the checks
+-- can count the claims of a range of keys
+UPDATE bench.keys b
+   SET id = a.id
+  FROM annotation_queue.api_keys a
+ WHERE a.key_hash = b.digest AND b.i BETWEEN :first AND :last;
 SQL
 }
 
 # the module's statement, extracted from the header now: as it is (for
 # PREPARE) and as a pgbench script with a new key per transaction
+# (BENCH_SQL_HEADER: the header of the module's own source when MODULE was
+# built from another commit, so that pgbench and EXPLAIN run its statement)
 bench_statements() {
-    "$top/bench/claim-sql.pl" "$top/src/ngx_aq_sql.h" > "$work/claim.sql"
+    local h=${BENCH_SQL_HEADER:-$top/src/ngx_aq_sql.h}
+    "$top/bench/claim-sql.pl" "$h" > "$work/claim.sql"
     {
         echo '\set k :client_id + :nclients * :n + 1'
         echo '\set n :n + 1'
-        "$top/bench/claim-sql.pl" --pgbench "$top/src/ngx_aq_sql.h"
+        "$top/bench/claim-sql.pl" --pgbench "$h"
     } > "$work/claim.pgbench"
+    {
+        echo '\set k :client_id + :nclients * :n + 1'
+        echo '\set n :n + 1'
+        grep -v '^--' "$top/bench/minimal.sql"
+    } > "$work/minimal.pgbench"
 }
 
 bench_start_nginx() {   # dsn workers pool
@@ -222,26 +244,36 @@ bench_verdict() {
 # bench_check_db QUEUE -> claimed expired_taken claimed_twice keys_holding_two
 #                         claimable
 #   claimed           items held by the bench's keys (api_keys: the other
-#                     raters of flat.sh's dirty state hold random uuids)
+#                     raters of flat.sh's dirty state hold random uuids),
+#                     or by the keys i FIRST..LAST of bench.keys when
+#                     BENCH_KEY_RANGE="FIRST LAST" is set (bench/dirty.sh,
+#                     whose runs keep the claims of the runs before)
 #   expired_taken     of them, items of bench.dirty
 #   claimed_twice     of them, items whose attempts exceed what one claim in
 #                     the run gives: 1, or 2 for an item of bench.dirty
 #                     (claimed once before by another rater); the reset
-#                     after each run zeroes attempts, so attempts counts the
-#                     claims of the run (with a version incremented each)
+#                     after each run zeroes attempts (dirty.sh claims only
+#                     items never claimed, or expired ones of bench.dirty),
+#                     so attempts counts the claims of the run (with a
+#                     version incremented each)
 #   keys_holding_two  (queue, key) pairs with more than one claimed item
 #   claimable         1 if QUEUE still has an item to claim (available, or
 #                     claimed with an expired lease), else 0: a 409
 #                     (no_items_available) is expected only at 0
 bench_check_db() {
-    psql_ -F' ' -v queue="$1" <<'SQL'
+    local first last holders="SELECT id FROM annotation_queue.api_keys"
+    if [ -n "${BENCH_KEY_RANGE:-}" ]; then
+        read -r first last <<<"$BENCH_KEY_RANGE"
+        holders="SELECT id FROM bench.keys WHERE i BETWEEN $((first)) AND $((last))"
+    fi
+    psql_ -F' ' -v queue="$1" -v holders="$holders" <<'SQL'
 WITH c AS (
     SELECT i.id, i.queue_id, i.claimed_by, i.attempts,
            d.id IS NOT NULL AS dirty
       FROM annotation_queue.items i
       LEFT JOIN bench.dirty d ON d.id = i.id
      WHERE i.status = 'claimed'
-       AND i.claimed_by IN (SELECT id FROM annotation_queue.api_keys)
+       AND i.claimed_by IN (:holders)
 )
 SELECT (SELECT count(*) FROM c),
        (SELECT count(*) FROM c WHERE dirty),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: the claim endpoint (nginx + module, driven by wrk) against
-# PostgreSQL's own limit (pgbench running the same claim statement), on
-# this machine, in one run.  See bench/README.md.
+# PostgreSQL's own limit (pgbench running the same claim statement) and
+# against the minimal claim on the same schema (pgbench running
+# bench/minimal.sql), on this machine, in one run.  See bench/README.md.
 #
 # Environment:
 #   BENCH_QUICK=1        100k items, 5 s per run, 1 repeat (trying it out)
@@ -21,6 +22,9 @@
 #                        bench's processes only)
 #   BENCH_KEEP=1         keep the work directory (logs, keys, pgbench logs)
 #   MODULE               the module .so (build/ngx_http_annotation_queue_module.so)
+#   BENCH_SQL_HEADER     the src/ngx_aq_sql.h MODULE was built from (this
+#                        tree's): pgbench runs its NGX_AQ_CLAIM_SQL
+#   BENCH_COMMIT         the source named in the table (git describe)
 #
 # Every run is checked against the database (bench/lib.sh): an item claimed
 # or answered twice, a key holding two items, a non-2xx answer (a 409 only
@@ -71,7 +75,7 @@ for c in $LEVELS; do [ "$c" -gt "$maxconn" ] && maxconn=$c; done
 pg_max=$((maxconn + WORKERS * POOL + 20))
 [ "$pg_max" -ge 100 ] || pg_max=100
 
-commit=$(git -C "$top" describe --always --dirty 2>/dev/null || echo "${BENCH_COMMIT:-unknown}")
+commit=${BENCH_COMMIT:-$(git -C "$top" describe --always --dirty 2>/dev/null || echo unknown)}
 log "$(date -u '+%F %T UTC'): items=$ITEMS keys=$KEYS duration=${DURATION}s" \
     "warmup=${WARMUP}s repeat=$REPEAT levels='$LEVELS' pool=$POOL x $WORKERS workers"
 dsn=$(PG_MAX_CONNECTIONS=$pg_max "$top/scripts/pg.sh" start "$work/pg")
@@ -199,9 +203,10 @@ SQL
 }
 reset
 
-# --- the two drivers ---------------------------------------------------------
+# --- the drivers -------------------------------------------------------------
 #
-# Each prints one line:
+# run_module (wrk through nginx) and run_pgbench (a pgbench script: the
+# module's statement, or the minimal claim).  Each prints one line:
 #   claims_per_s p50_ms p99_ms errors claimed_in_db dup_items dup_keys detail
 # and checks the run (bench/lib.sh): a violation is logged, counted in the
 # detail (VIOLATIONS=n) and fails the bench at the end.
@@ -236,12 +241,12 @@ run_module() {   # connections seconds label
         "$errors" "$claimed" "$dupi" "$dupk" "$(cpu_per_claim "$s0" "$s1" "$ok")" "$detail"
 }
 
-run_pgbench() {   # clients seconds label
-    local c=$1 d=$2 label=$3 out rc=0 prefix s0 s1 me=$BASHPID
-    prefix=$work/pgb-$c-$(date +%s%N)
+run_pgbench() {   # clients seconds label [script: claim (default) | minimal]
+    local c=$1 d=$2 label=$3 script=${4:-claim} out rc=0 prefix s0 s1 me=$BASHPID
+    prefix=$work/pgb-$script-$c-$(date +%s%N)
     s0=$(snap "$me")
     out=$("$PGBENCH" -n -M prepared -c "$c" -j "$THREADS" -T "$d" \
-              -f "$work/claim.pgbench" -D queue="$queue" -D lease="$LEASE_MS" \
+              -f "$work/$script.pgbench" -D queue="$queue" -D lease="$LEASE_MS" \
               -D n=0 -D nclients="$c" -l --log-prefix="$prefix" "$dsn" 2>&1) || rc=$?
     s1=$(snap "$me")
     echo "$out" > "$prefix.out"
@@ -286,6 +291,7 @@ for c in $LEVELS; do
     R[$c,rss0]=$(rss) R[$c,anon0]=$(rss RssAnon)
     mt=() mp50=() mp99=() me=() pt=() pp50=() pp99=() pe=() rt=() r99=()
     mng=() mpg=() mdr=() mot=() ppg=() pdr=() pot=()
+    nt=() np50=() np99=() ne=() npg=() npo=() rn=() rn50=()
     for r in $(seq "$REPEAT"); do
         line=$(run_module "$c" "$DURATION" "$c conns run $r module")
         read -r t p50 p99 e cl di dk ng pg dr ot detail <<<"$line"
@@ -304,6 +310,14 @@ for c in $LEVELS; do
         # the pair ran back to back: its ratio is what the noise of a shared
         # machine disturbs least
         rt+=("$(ratio "${mt[-1]}" "$t")") r99+=("$(ratio "${mp99[-1]}" "$p99")")
+        line=$(run_pgbench "$c" "$DURATION" "$c conns run $r minimal" minimal)
+        read -r t p50 p99 e cl di dk ng pg dr ot detail <<<"$line"
+        log "$c conns run $r minimal: ${t}/s p50 ${p50} ms p99 ${p99} ms errors $e claimed $cl dup_items $di dup_keys $dk" \
+            "cpu us/claim: pg $pg pgbench $dr; others ${ot}% of the machine; $detail"
+        nt+=("$t") np50+=("$p50") np99+=("$p99") ne+=("$e") npg+=("$pg") npo+=("$ot")
+        case "$detail" in *VIOLATIONS=*) problems=$((problems + 1)) ;; esac
+        # module / minimal, of the same triple (module, pgbench, minimal)
+        rn+=("$(ratio "${mt[-1]}" "$t")") rn50+=("$(ratio "${mp50[-1]}" "$p50")")
     done
     R[$c,rt]=$(median "${rt[@]}"); R[$c,r99]=$(median "${r99[@]}")
     R[$c,rss1]=$(rss) R[$c,anon1]=$(rss RssAnon)
@@ -315,6 +329,10 @@ for c in $LEVELS; do
     R[$c,mdr]=$(median "${mdr[@]}"); R[$c,mot]=$(median "${mot[@]}")
     R[$c,ppg]=$(median "${ppg[@]}"); R[$c,pdr]=$(median "${pdr[@]}")
     R[$c,pot]=$(median "${pot[@]}")
+    R[$c,nt]=$(median "${nt[@]}"); R[$c,np50]=$(median "${np50[@]}")
+    R[$c,np99]=$(median "${np99[@]}"); R[$c,ne]=$(sum "${ne[@]}")
+    R[$c,npg]=$(median "${npg[@]}"); R[$c,npo]=$(median "${npo[@]}")
+    R[$c,rn]=$(median "${rn[@]}"); R[$c,rn50]=$(median "${rn50[@]}")
 done
 
 # --- pgbench at the module's own database concurrency --------------------
@@ -417,18 +435,18 @@ echo "module $MODULE, source $commit"
 echo "items=$ITEMS keys=$KEYS ${DURATION}s per run, medians of $REPEAT; nginx $WORKERS workers," \
      "pool $POOL per worker; wrk -t$THREADS, pgbench -M prepared -j$THREADS -c <conns>"
 echo
-printf '| %5s | %10s | %7s | %7s | %6s | %10s | %7s | %7s | %6s | %9s | %9s | %-27s |\n' \
+printf '| %5s | %9s | %6s | %6s | %6s | %10s | %6s | %6s | %6s | %10s | %6s | %6s | %6s | %7s | %7s | %7s | %7s |\n' \
     conns "module /s" "p50 ms" "p99 ms" errors "pgbench /s" "p50 ms" "p99 ms" errors \
-    "thr ratio" "p99 ratio" "worker RSS kB before->after"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: -----------: --------: \
-    --------: -------: -----------: --------: --------: -------: ----------: ----------: \
-    -----------------------------
+    "minimal /s" "p50 ms" "p99 ms" errors "mod/pgb" "p99 m/p" "mod/min" "p50 m/m"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: ----------: -------: \
+    -------: -------: -----------: -------: -------: -------: -----------: -------: -------: \
+    -------: --------: --------: --------: --------:
 for c in $LEVELS; do
-    printf '| %5s | %10.0f | %7.2f | %7.2f | %6s | %10.0f | %7.2f | %7.2f | %6s | %9s | %9s | %-27s |\n' \
+    printf '| %5s | %9.0f | %6.2f | %6.2f | %6s | %10.0f | %6.2f | %6.2f | %6s | %10.0f | %6.2f | %6.2f | %6s | %7.2f | %7.2f | %7.2f | %7.2f |\n' \
         "$c" "${R[$c,mt]}" "${R[$c,mp50]}" "${R[$c,mp99]}" "${R[$c,me]}" \
         "${R[$c,pt]}" "${R[$c,pp50]}" "${R[$c,pp99]}" "${R[$c,pe]}" \
-        "$(printf '%.2f' "${R[$c,rt]}")" "$(printf '%.2f' "${R[$c,r99]}")" \
-        "${R[$c,rss0]} -> ${R[$c,rss1]}"
+        "${R[$c,nt]}" "${R[$c,np50]}" "${R[$c,np99]}" "${R[$c,ne]}" \
+        "${R[$c,rt]}" "${R[$c,r99]}" "${R[$c,rn]}" "${R[$c,rn50]}"
 done
 [ -z "$ref" ] || { echo; echo "$ref"; }
 echo
@@ -436,20 +454,24 @@ echo "CPU per claim, microseconds (medians): the module's run (nginx workers, Po
 echo "and pgbench's (PostgreSQL, pgbench); others = CPU used by processes outside this bench"
 echo "during the run, % of the machine (a shared machine's noise: high means distrust the run)"
 echo
-printf '| %5s | %8s | %8s | %8s | %9s | %8s | %9s | %9s |\n' conns "nginx" "pg (mod)" "wrk" \
-    "others %" "pg (pgb)" "pgbench" "others %"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: ---------: ---------: ---------: ----------: \
-    ---------: ----------: ----------:
+printf '| %5s | %8s | %8s | %8s | %9s | %8s | %9s | %9s | %8s | %9s |\n' conns "nginx" "pg (mod)" "wrk" \
+    "others %" "pg (pgb)" "pgbench" "others %" "pg (min)" "others %"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: ---------: ---------: ---------: ----------: \
+    ---------: ----------: ----------: ---------: ----------:
 for c in $LEVELS; do
-    printf '| %5s | %8s | %8s | %8s | %9s | %8s | %9s | %9s |\n' "$c" "${R[$c,mng]}" \
-        "${R[$c,mpg]}" "${R[$c,mdr]}" "${R[$c,mot]}" "${R[$c,ppg]}" "${R[$c,pdr]}" "${R[$c,pot]}"
+    printf '| %5s | %8s | %8s | %8s | %9s | %8s | %9s | %9s | %8s | %9s |\n' "$c" "${R[$c,mng]}" \
+        "${R[$c,mpg]}" "${R[$c,mdr]}" "${R[$c,mot]}" "${R[$c,ppg]}" "${R[$c,pdr]}" "${R[$c,pot]}" \
+        "${R[$c,npg]}" "${R[$c,npo]}"
 done
 echo
-echo "worker VmRSS kB at start $rss_start, at end $(rss); RssAnon (the heap: what a leak grows)" \
+echo "worker VmRSS kB at start $rss_start, per level before->after:" \
+     "$(for c in $LEVELS; do printf '%s: %s -> %s; ' "$c" "${R[$c,rss0]}" "${R[$c,rss1]}"; done)"
+echo "worker VmRSS kB at end $(rss); RssAnon (the heap: what a leak grows)" \
      "at start $anon_start, then per level before->after:" \
      "$(for c in $LEVELS; do printf '%s: %s -> %s; ' "$c" "${R[$c,anon0]}" "${R[$c,anon1]}"; done)"
-echo "ratios: module / pgbench, the median of the ratios of the $REPEAT back-to-back pairs"
-echo "errors: non-200 statuses + socket errors (module), failed + aborted clients (pgbench), summed over runs"
+echo "ratios: mod/pgb, p99 m/p: module / pgbench (the module's statement); mod/min, p50 m/m: module /"
+echo "minimal (bench/minimal.sql); each the median of the ratios of the $REPEAT back-to-back triples"
+echo "errors: non-200 statuses + socket errors (module), failed + aborted clients (pgbench, minimal), summed over runs"
 n=$(log_problems)
 echo "nginx error log: $n lines at error level or above"
 if [ "$n" -gt 0 ]; then
