@@ -16,6 +16,10 @@
 #     from the batch: when the batch answers, the request (freed, its
 #     memory since taken by other requests) is never called back.  The
 #     others of the batch get their items; the worker does not crash.
+#   - When the last connection fails while requests wait (the database
+#     stops taking connections, the connection in use is terminated), the
+#     waiting requests are answered 503 database_unavailable at once, not
+#     left to their wait timer (connect + query timeout).
 #
 # Claims are held in PostgreSQL by a gate (AQ::Faults::install_gate); every
 # wait for nginx polls the status page or pg_stat_activity with a deadline.
@@ -235,6 +239,60 @@ _EOC_
     $ngx->stop;
     is_deeply(AQ::Faults::log_problems($ngx->error_log), [],
               "$what: no [alert], [crit], [emerg] or \"exited on signal\" in the error log");
+}
+
+{
+    my $what = 'no connection left';
+    my $q = AQ::queue($org, 'no-connection');
+    AQ::enqueue_many($q, 4);
+    my $ngx = start(http => <<"_EOC_");
+    annotation_queue_pool_size 1;
+    annotation_queue_max_waiting 8;
+    annotation_queue_connect_timeout 30s;
+    annotation_queue_query_timeout 30s;
+_EOC_
+    # (not from a session of the database itself: PostgreSQL refuses that)
+    my $admin = AQ::dbi_connect('postgres');
+    my $allow = sub {
+        $admin->do(qq{ALTER DATABASE "$AQ::DB" WITH ALLOW_CONNECTIONS $_[0]});
+    };
+
+    my ($warm) = AQ::Client->new(port => $ngx->port)->claim($q, AQ::key($org));
+    is($warm, 200, "$what: a first claim opens the pool's one connection");
+
+    # a claim holds the connection at the gate, another waits for it; the
+    # database stops taking connections and the first claim's backend is
+    # terminated: the pool's attempt to replace it fails, and no
+    # connection is left for the waiting claim
+    AQ::Faults::close_gate($gate);
+    my $a = send_claim($ngx, $q, AQ::key($org), timeout => 20);
+    ok(AQ::Faults::wait_until(10, sub { AQ::Faults::backends(lock => 1) == 1 }),
+       "$what: a claim holds the connection, held at the gate");
+    my $b = send_claim($ngx, $q, AQ::key($org), timeout => 20);
+    ok(AQ::Faults::wait_until(10, sub { AQ::Faults::pool_state($ngx->{sport})->{waiting} == 1 }),
+       "$what: another waits for it");
+    $allow->('false');
+    is(AQ::Faults::terminate_nginx_backends(), 1, "$what: the running claim's backend is terminated");
+
+    my $ra = $a->read_response;
+    my $rb = $b->read_response;
+    $allow->('true');
+    AQ::Faults::open_gate($gate);
+    is(outcome_of($ra), '503 database_unavailable', "$what: the running claim gets 503");
+    is(outcome_of($rb), '503 database_unavailable',
+       "$what: the waiting claim gets 503 database_unavailable as soon as the new "
+       . 'connection fails, not pool_saturated at its wait timer (60 s)')
+        or diag explain $rb;
+    like($rb->{headers}{'retry-after'} // '', qr/^\d+$/, "$what: ... with Retry-After");
+
+    my ($after) = AQ::Client->new(port => $ngx->port)->claim($q, AQ::key($org));
+    is($after, 200, "$what: once the database takes connections again, a claim answers 200");
+    $ngx->stop;
+    $admin->disconnect;
+    like($ngx->error_log, qr/could not connect to PostgreSQL: .*not currently accepting connections/,
+         "$what: the failed connection's cause is logged");
+    is_deeply(AQ::Faults::log_problems($ngx->error_log), [],
+              "$what: no [alert], [crit] or [emerg] in the error log");
 }
 
 done_testing();
