@@ -388,7 +388,7 @@ run_suite() {
     (cd "$tree" &&
         TMPDIR="$dir" AQ_TEST_SERVROOT_BASE="$dir/servroot" \
         TEST_NGINX_LOAD_MODULES="$module" \
-        timeout -k 20 "$limit" prove -I t/lib "$suite") > "$log" 2>&1 || rc=$?
+        timeout -k 20 "$limit" prove -v -I t/lib "$suite") > "$log" 2>&1 || rc=$?
     reap_nginx "$dir"
     reap_pg "$dir"
     if [ "$rc" -ne 0 ] && [ -n "$keep" ]; then
@@ -496,7 +496,11 @@ for ((i = 0; i < count; i++)); do
                 "$(suite_limit "$s")" || rc=$?
             if [ "$rc" -ne 0 ]; then
                 how=$(first_failure "$mlog/$(basename "$s").log")
-                [ "$rc" -eq 124 ] && how="stopped after $(suite_limit "$s") s"
+                if [ "$rc" -eq 124 ]; then
+                    how="stopped after $(suite_limit "$s") s, after:"
+                    how="$how $(grep -E '^(not )?ok [0-9]+' \
+                        "$mlog/$(basename "$s").log" | tail -1)"
+                fi
                 result="killed by $s ($(( $(date +%s) - t0 )) s): $how"
                 break
             fi
