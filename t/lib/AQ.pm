@@ -845,61 +845,72 @@ sub key_pool {
     return AQ::KeyPool->new(keys_for($org, $n));
 }
 
-# The problems of a set of claim answers, joined with the database:
-# $answers is a list of [key, item id, version, client]; each item must be
-# held by its key at the version answered, no item may be answered twice
-# (to two clients, or twice to one), no key may hold two items of the queue.
-# Returns a list of problems (empty when all is well).
-sub claim_answer_problems {
-    my ($queue, $answers) = @_;
-    my @p;
-    my (%by_item, %by_key);
-    for my $a (@$answers) {
-        my ($key, $id, $version, $client) = @$a;
-        push @{ $by_item{$id} }, $a;
-        push @{ $by_key{$key} }, $id;
-    }
+# The problems of a set of claims answered 200, each [item id, version,
+# key, client] as answered (in any order, from any number of clients; client
+# is any label, optional): every answer must name an item that the database
+# says is claimed by that very key (items.claimed_by = the key's id) at the
+# version answered, and no item may be answered twice, whether to two
+# clients or twice to one.  With queue => $q, no key may hold two items of
+# that queue either.  dbh => $h reads through another handle (one that
+# survives a server restart, AQ::Faults::db).  The problems name items and
+# answers, never keys.  Returns a list of problems (empty when all is well).
+sub answers_problems {
+    my ($answers, %o) = @_;
+    my $h = $o{dbh} // dbh();
+    my (@p, %by_item);
+    push @{ $by_item{ $_->[0] // '' } }, $_ for @$answers;
     for my $id (sort keys %by_item) {
         my @a = @{ $by_item{$id} };
         next if @a == 1;
         my %clients = map { ($_->[3] // '') => 1 } @a;
-        push @p, sprintf 'item %s answered %d times (%s)', $id, scalar @a,
-                         keys %clients == 1 ? 'within one client'
-                                            : scalar(keys %clients) . ' clients';
+        push @p, sprintf 'item %s answered %d times%s', $id, scalar @a,
+                         keys %clients == 1 && defined $a[0][3] ? ' (within one client)' : '';
     }
-    for my $key (keys %by_key) {
-        my %ids = map { $_ => 1 } @{ $by_key{$key} };
-        push @p, sprintf 'a key was answered %d different items', scalar keys %ids
-            if keys %ids > 1;
+    if (defined $o{queue}) {
+        my ($held) = $h->selectrow_array(
+            q{SELECT count(*) FROM (SELECT claimed_by FROM annotation_queue.items
+                                     WHERE queue_id = ? AND status = 'claimed'
+                                     GROUP BY claimed_by HAVING count(*) > 1) AS t},
+            undef, $o{queue});
+        push @p, "$held keys hold more than one item of the queue" if $held;
     }
-    my $rows = dbh()->selectall_hashref(
-        q{SELECT i.id, i.status, i.version, encode(k.key_hash, 'hex') AS holder
-            FROM annotation_queue.items i
-            LEFT JOIN annotation_queue.api_keys k ON k.id = i.claimed_by
-           WHERE i.queue_id = ?}, 'id', undef, $queue);
-    my ($held) = dbh()->selectrow_array(
-        q{SELECT count(*) FROM (SELECT claimed_by FROM annotation_queue.items
-                                 WHERE queue_id = ? AND status = 'claimed'
-                                 GROUP BY claimed_by HAVING count(*) > 1) AS t},
-        undef, $queue);
-    push @p, "$held keys hold more than one item of the queue" if $held;
-    for my $a (@$answers) {
-        my ($key, $id, $version) = @$a;
-        my $row = $rows->{$id};
-        if (!$row) {
-            push @p, "item $id is not an item of the queue";
+    return @p unless @$answers;
+    my $uuid = qr/^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$/i;
+    my @items = map { defined $_->[0] && $_->[0] =~ $uuid ? $_->[0] : undef } @$answers;
+    my @versions = map { defined $_->[1] && $_->[1] =~ /^\d{1,18}$/ ? $_->[1] : undef } @$answers;
+    my @keys = map { $_->[2] } @$answers;
+    my $rows = $h->selectall_arrayref(
+        q{SELECT a.n, i.id IS NOT NULL, i.status, i.version, k.id IS NOT NULL,
+                 coalesce(i.claimed_by = k.id, false), i.queue_id
+            FROM unnest(?::uuid[], ?::bigint[], ?::text[])
+                 WITH ORDINALITY AS a(item, version, key, n)
+            LEFT JOIN annotation_queue.items i ON i.id = a.item
+            LEFT JOIN annotation_queue.api_keys k
+                   ON k.key_hash = annotation_queue.key_hash(a.key)
+           ORDER BY a.n}, undef, \@items, \@versions, \@keys);
+    for my $r (@$rows) {
+        my ($n, $found, $status, $version, $key_found, $mine, $queue) = @$r;
+        my ($item, $answered) = @{ $answers->[ $n - 1 ] };
+        my $what = 'answer ' . $n . ' (item ' . ($item // 'none') . ')';
+        if (!$found) {
+            push @p, "$what: not in the database";
             next;
         }
-        if ($row->{status} ne 'claimed') {
-            push @p, "item $id is $row->{status} in the database";
-            next;
-        }
-        push @p, "item $id is held by another key than the one it was answered to"
-            unless ($row->{holder} // '') eq key_digest_hex($key);
-        push @p, "item $id answered at v$version, v$row->{version} in the database"
-            unless ($version // '') eq $row->{version};
+        push @p, "$what: not an item of the queue"
+            if defined $o{queue} && $queue ne $o{queue};
+        push @p, "$what: the key is not in the database" unless $key_found;
+        push @p, "$what: the item is $status" unless $status eq 'claimed';
+        push @p, "$what: the item is held by another key" if $key_found && !$mine;
+        push @p, "$what: answered v" . ($answered // '?') . ", v$version in the database"
+            unless defined $answered && $answered eq $version;
     }
     return @p;
+}
+
+# The same for answers as [key, item id, version, client] of one queue.
+sub claim_answer_problems {
+    my ($queue, $answers) = @_;
+    return answers_problems([map { [@$_[1, 2, 0, 3]] } @$answers], queue => $queue);
 }
 
 # The hex SHA-256 of a key, as api_keys.key_hash holds it.

@@ -308,61 +308,14 @@ sub claim_problems {
     my ($key, $body) = @_;
     my $d = decode($body);
     return ('not a claimed item') unless $d && ref $d->{item} eq 'HASH';
-    my $it = $d->{item};
-    my $row = db()->selectrow_hashref(
-        q{SELECT i.version, i.status, k.key_hash = annotation_queue.key_hash(?) AS mine
-            FROM annotation_queue.items i
-            LEFT JOIN annotation_queue.api_keys k ON k.id = i.claimed_by
-           WHERE i.id = ?}, undef, $key, $it->{id});
-    return ("item $it->{id} is not in the database") unless $row;
-    my @p;
-    push @p, "item $it->{id} is $row->{status}" unless $row->{status} eq 'claimed';
-    push @p, "item $it->{id} is held by another key" unless $row->{mine};
-    push @p, "item $it->{id} answered v$it->{version}, v$row->{version} in the database"
-        unless ($it->{version} // '') eq $row->{version};
-    return @p;
+    return AQ::answers_problems([[$d->{item}{id}, $d->{item}{version}, $key]], dbh => db());
 }
 
-# The problems of a set of claims answered 200, each [item id, version,
-# key] as answered (in any order, from any number of clients): every
-# answer must name an item that the database says is claimed by that very
-# key (items.claimed_by = the key's id) at the version answered, and no
-# item may be answered twice, whether to two clients or twice to one.  The
-# problems name items and answers, never keys.
+# AQ::answers_problems (each answer [item id, version, key]) through db(),
+# which survives a restart of the server.
 sub answers_problems {
     my ($answers) = @_;
-    my (@p, %n);
-    $n{ $_->[0] // '' }++ for @$answers;
-    push @p, map { "item $_ answered $n{$_} times" } grep { $n{$_} > 1 } sort keys %n;
-    return @p unless @$answers;
-    my $uuid = qr/^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}$/i;
-    my @items = map { defined $_->[0] && $_->[0] =~ $uuid ? $_->[0] : undef } @$answers;
-    my @versions = map { defined $_->[1] && $_->[1] =~ /^\d{1,18}$/ ? $_->[1] : undef } @$answers;
-    my @keys = map { $_->[2] } @$answers;
-    my $rows = db()->selectall_arrayref(
-        q{SELECT a.n, i.id IS NOT NULL, i.status, i.version, k.id IS NOT NULL,
-                 coalesce(i.claimed_by = k.id, false)
-            FROM unnest(?::uuid[], ?::bigint[], ?::text[])
-                 WITH ORDINALITY AS a(item, version, key, n)
-            LEFT JOIN annotation_queue.items i ON i.id = a.item
-            LEFT JOIN annotation_queue.api_keys k
-                   ON k.key_hash = annotation_queue.key_hash(a.key)
-           ORDER BY a.n}, undef, \@items, \@versions, \@keys);
-    for my $r (@$rows) {
-        my ($n, $found, $status, $version, $key_found, $mine) = @$r;
-        my ($item, $answered) = @{ $answers->[ $n - 1 ] };
-        my $what = 'answer ' . $n . ' (item ' . ($item // 'none') . ')';
-        if (!$found) {
-            push @p, "$what: not in the database";
-            next;
-        }
-        push @p, "$what: the key is not in the database" unless $key_found;
-        push @p, "$what: the item is $status" unless $status eq 'claimed';
-        push @p, "$what: the item is held by another key" if $key_found && !$mine;
-        push @p, "$what: answered v" . ($answered // '?') . ", v$version in the database"
-            unless defined $answered && $answered eq $version;
-    }
-    return @p;
+    return AQ::answers_problems($answers, dbh => db());
 }
 
 # ---------------------------------------------------------------------------
