@@ -839,7 +839,19 @@ ngx_aq_conn_read(ngx_aq_conn_t *ac)
             return;
         }
 
+        /*
+         * The statement's rows come first; an error after them is the
+         * commit failing (a deferred constraint, a serialization failure):
+         * nothing was claimed, so the error is the answer.
+         */
+
         if (ac->result == NULL) {
+            ac->result = res;
+
+        } else if (PQresultStatus(res) == PGRES_FATAL_ERROR
+                   && PQresultStatus(ac->result) != PGRES_FATAL_ERROR)
+        {
+            PQclear(ac->result);
             ac->result = res;
 
         } else {

@@ -16,6 +16,9 @@
 #     from the batch: when the batch answers, the request (freed, its
 #     memory since taken by other requests) is never called back.  The
 #     others of the batch get their items; the worker does not crash.
+#   - A claim whose commit fails (a deferred constraint trigger raises at
+#     commit, after the statement returned its row) is answered with the
+#     error, never 200 with an item the database does not hold.
 #   - When the last connection fails while requests wait (the database
 #     stops taking connections, the connection in use is terminated), the
 #     waiting requests are answered 503 database_unavailable at once, not
@@ -291,6 +294,45 @@ _EOC_
     $admin->disconnect;
     like($ngx->error_log, qr/could not connect to PostgreSQL: .*not currently accepting connections/,
          "$what: the failed connection's cause is logged");
+    is_deeply(AQ::Faults::log_problems($ngx->error_log), [],
+              "$what: no [alert], [crit] or [emerg] in the error log");
+}
+
+{
+    my $what = 'a commit that fails';
+    my $h = AQ::Faults::db();
+    $h->do(<<'_SQL_');
+CREATE OR REPLACE FUNCTION public.aq_fail_at_commit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the commit of item % fails', NEW.id;
+END
+$$
+_SQL_
+    $h->do(q{CREATE CONSTRAINT TRIGGER aq_fail_at_commit
+               AFTER UPDATE ON annotation_queue.items
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+               WHEN (NEW.payload ? 'fail_at_commit')
+               EXECUTE FUNCTION public.aq_fail_at_commit()});
+    my $q = AQ::queue($org, 'commit-fails');
+    my $item = AQ::enqueue($q, undef, { fail_at_commit => JSON::PP::true() });
+    my $ngx = start(http => "    annotation_queue_pool_size 1;\n");
+
+    my $r = send_claim($ngx, $q, AQ::key($org))->read_response;
+    is(outcome_of($r), '500 internal_error',
+       "$what: the claim is answered 500 internal_error, not 200") or diag explain $r;
+    my $row = AQ::Faults::db()->selectrow_hashref(
+        'SELECT status, version FROM annotation_queue.items WHERE id = ?', undef, $item);
+    is_deeply($row, { status => 'available', version => 0 },
+              "$what: ... and the item is still available in the database");
+    $h->do('DROP TRIGGER aq_fail_at_commit ON annotation_queue.items');
+
+    my ($after, undef, $body) = AQ::Client->new(port => $ngx->port)->claim($q, AQ::key($org));
+    is($after, 200, "$what: the next claim (trigger gone) answers 200");
+    like($body, qr/"id":"\Q$item\E"/, "$what: ... with that item");
+    $ngx->stop;
+    like($ngx->error_log, qr/\[error\].*P0001.*the commit of item/,
+         "$what: the commit's error is logged with its SQLSTATE");
     is_deeply(AQ::Faults::log_problems($ngx->error_log), [],
               "$what: no [alert], [crit] or [emerg] in the error log");
 }
