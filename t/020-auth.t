@@ -19,6 +19,8 @@ our %k = (
     expiring => AQ::key($org, rater => 'expiring', expires_in => '1 day'),
     logged   => AQ::key($org, rater => 'logged'),
     logged2  => AQ::key($org, rater => 'logged2'),
+    lower    => AQ::key($org, rater => 'lower'),
+    upper    => AQ::key($org, rater => 'upper'),
     unknown  => AQ::well_formed_key(),
 );
 AQ::revoke($k{revoked});
@@ -34,6 +36,8 @@ our %malformed = (
     'bad checksum'        => 'aqk_' . $body . join('', map { sprintf '%x', (hex($_) + 1) % 16 }
                                                   split //, AQ::key_checksum($body)),
     'no checksum'         => 'aqk_' . $body,
+    'last checksum digit' => 'aqk_' . $body . substr(AQ::key_checksum($body), 0, 7)
+                             . sprintf('%x', (hex(substr AQ::key_checksum($body), 7) + 1) % 16),
     'uppercase body'      => 'aqk_' . uc($body) . AQ::key_checksum(uc $body),
     'non-hex digit'       => 'aqk_' . 'g' . substr($body, 1)
                              . AQ::key_checksum('g' . substr $body, 1),
@@ -280,6 +284,25 @@ Cache-Control: no-store
 \&AQ::canon
 --- response_body
 {"error":{"code":"invalid_authorization","message":"..."},"success":false}
+--- no_error_log
+[error]
+[alert]
+[crit]
+
+
+
+=== TEST 12: the scheme is case-insensitive (RFC 9110): "bearer <key>" and "BEARER <key>" claim
+--- pipelined_requests eval
+[AQ::claim_req($::queue), AQ::claim_req($::queue)]
+--- more_headers eval
+["Authorization: bearer $::k{lower}\nContent-Type: application/json",
+ "Authorization: BEARER $::k{upper}\nContent-Type: application/json"]
+--- error_code eval
+[200, 200]
+--- response_body_filters eval
+\&AQ::brief
+--- response_body_like eval
+[qr/^item auth-\d+ v1$/, qr/^item auth-\d+ v1$/]
 --- no_error_log
 [error]
 [alert]

@@ -186,8 +186,9 @@ _EOC_
        '1,1', "$what: blocked: one claim waits in each worker") or diag $body;
     is("$all{idle},$all{busy},$all{connecting} $waiting", '0,2,0 2',
        "$what: blocked: all workers: 2 busy, 2 waiting") or diag $body;
-    is($v->($p, 'annotation_queue_connections', pool => $slow, worker => 'all',
-            state => 'connecting'), 1, "$what: the tarpit's pool: 1 connecting")
+    is(join(',', map { $v->($p, 'annotation_queue_connections', pool => $slow,
+                             worker => 'all', state => $_) } qw(idle busy connecting)),
+       '0,0,1', "$what: the tarpit's pool (idle,busy,connecting): 1 connecting, none busy")
         or diag $body;
     is(secrets($body), "no conninfo\n", "$what: no conninfo, password or database name");
 
