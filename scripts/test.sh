@@ -34,6 +34,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The mutant lists (make test-mutants) must match the code they break: a
+# list left behind when the code moved fails here, in a second.
+"$top/scripts/mutants.sh" --check
+
 AQ_TEST_PG_DSN=$("$top/scripts/pg.sh" start "$tmp/pg")
 export AQ_TEST_PG_DSN
 export AQ_TEST_SERVROOT_BASE="$tmp/servroot"
