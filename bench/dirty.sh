@@ -234,7 +234,7 @@ SELECT :'queue', floor(random() * 2)::int, $payload
   FROM generate_series(1, $EXPIRED) AS g;
 SQL
 log "dirty queue: $COMPLETED completed items (SQL) and $EXPIRED items of priorities 0-1 in $(elapsed "$t0") s"
-more_keys "$((EXPIRED + LIVE + 12))"
+more_keys "$((EXPIRED + LIVE + 4 * SETUP_CONNS + 12))"   # drive_count takes 2 x conns more
 psql_ -c "VACUUM (ANALYZE) annotation_queue.items" -c "VACUUM (ANALYZE) annotation_queue.api_keys" \
       -c "VACUUM (ANALYZE) bench.keys"
 
@@ -303,7 +303,7 @@ drive_count() {   # label queue conns n
 
 # --- setup through nginx: the expiring claims, then the live ones -------------------
 
-declare -A EST SETUP
+declare -A EST SEEN SETUP
 drive_count "setup expiring claims" "$dq" "$SETUP_CONNS" "$EXPIRED"
 SETUP[expired]=$driven
 psql_ -v queue="$dq" <<'SQL' >/dev/null
@@ -348,9 +348,9 @@ done
 # --- the run -----------------------------------------------------------------------
 #
 # Before each phase: enough keys and available items for 1.5 x the best
-# rate seen at its level (at first the setup's rate, at least RATE), added
-# in bulk (3 phases' worth) when short (the pause before the phase is
-# logged).  A phase whose keys ran out would
+# rate seen at its level (before its first phase, the setup's rate or
+# RATE, whichever is higher), added in bulk (3 phases' worth) when short
+# (the pause before the phase is logged).  A phase whose keys ran out would
 # measure less than PHASE seconds: a violation.
 
 declare -A P
@@ -387,7 +387,11 @@ run() {   # queue-name conns pair [seconds]
     [ "$stopped" -eq 0 ] ||
         bench_violation "$label" "keys ran out before the end of the phase ($need keys): the rate is not of $d s"
     rate=$(awk -v n="$ok" -v d="$dur" 'BEGIN {printf "%.0f", n * 1e6 / d}')
-    [ "$rate" -le "${EST[$c]}" ] || EST[$c]=$rate
+    # from the first phase of a level on, its best rate (the floor RATE
+    # was only a guess)
+    if [ -z "${SEEN[$c]:-}" ]; then EST[$c]=$rate SEEN[$c]=1
+    elif [ "$rate" -gt "${EST[$c]}" ]; then EST[$c]=$rate
+    fi
     P[$pr,$c,$qn,t]=$rate
     P[$pr,$c,$qn,p50]=$(awk -v v="$p50" 'BEGIN {printf "%.2f", v / 1000}')
     P[$pr,$c,$qn,p99]=$(awk -v v="$p99" 'BEGIN {printf "%.2f", v / 1000}')
