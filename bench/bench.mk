@@ -12,8 +12,12 @@
 # 0-9), made through the module, then 64 and 8 connections alternating for
 # 10 minutes per queue without reset, against a clean queue (bench/dirty.sh;
 # see its header for a short try).
+#
+# make bench-profile: where the claim statement's database time goes,
+# against the minimal claim: pgbench rounds with pg_stat_statements, cut
+# variants of the statement, EXPLAIN ANALYZE per CTE (bench/profile.sh).
 
-.PHONY: bench bench-flat bench-dirty
+.PHONY: bench bench-flat bench-dirty bench-profile
 
 bench: deps $(MODULE)
 	@MODULE=$(MODULE) bench/run.sh
@@ -23,3 +27,6 @@ bench-flat: deps $(MODULE)
 
 bench-dirty: deps $(MODULE)
 	@MODULE=$(MODULE) bench/dirty.sh
+
+bench-profile: deps $(MODULE)
+	@MODULE=$(MODULE) bench/profile.sh
