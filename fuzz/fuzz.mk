@@ -37,12 +37,14 @@ FUZZ_CFLAGS   := -g -O1 -fno-omit-frame-pointer \
                  -fno-sanitize-recover=all \
                  -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare
 FUZZ_LIBS     := -ljansson -lcrypto
-# the module's own files that parse untrusted bytes (compiled as they are)
-FUZZ_MODULE   := src/ngx_aq_key.c src/ngx_aq_json.c
+# the module's own files that parse untrusted bytes (compiled as they are),
+# and the errors they answer with
+FUZZ_MODULE   := src/ngx_aq_key.c src/ngx_aq_json.c src/ngx_aq_errors.c
 FUZZ_OBJS     := $(patsubst src/%.c,$(FUZZ_BUILD)/obj/%.o,$(FUZZ_MODULE)) \
-                 $(FUZZ_BUILD)/obj/ngx_aq_errors.o $(FUZZ_BUILD)/obj/fuzz_ngx.o
+                 $(FUZZ_BUILD)/obj/fuzz_ngx.o
 FUZZ_BINS     := $(addprefix $(FUZZ_BUILD)/fuzz_,$(FUZZ_TARGETS))
-FUZZ_HEADERS  := src/ngx_aq.h fuzz/fuzz_ngx.h $(ASAN_BUILD)/nginx/Makefile
+FUZZ_HEADERS  := src/ngx_aq.h src/ngx_aq_outcomes.h fuzz/fuzz_ngx.h \
+                 $(ASAN_BUILD)/nginx/Makefile
 
 # libFuzzer options per target: the largest input (twice the default body
 # limit for the JSON targets; fuzz-seeds replays longer seeds whole), the
@@ -107,21 +109,6 @@ $(FUZZ_BUILD)/obj/%.o: src/%.c $(FUZZ_HEADERS) | fuzz-cc
 
 $(FUZZ_BUILD)/obj/%.o: fuzz/%.c $(FUZZ_HEADERS) | fuzz-cc
 	@mkdir -p $(FUZZ_BUILD)/obj
-	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_INCS) -c $< -o $@
-
-# The error answers the parsers return are data of ngx_aq_response.c, whose
-# functions need the whole of nginx: take the definitions alone.
-$(FUZZ_BUILD)/obj/ngx_aq_errors.c: src/ngx_aq_response.c
-	@mkdir -p $(FUZZ_BUILD)/obj
-	{ echo '#include "ngx_aq.h"'; \
-	  awk '/^const ngx_aq_error_t +ngx_aq_err_/ { on = 1 } \
-	       on { print } on && /^};/ { on = 0 }' $<; } > $@.tmp
-	@grep -q ngx_aq_err_invalid_json $@.tmp \
-	    || { echo "fuzz.mk: no ngx_aq_err_* definitions in $<" >&2; exit 1; }
-	mv -f $@.tmp $@
-
-$(FUZZ_BUILD)/obj/ngx_aq_errors.o: $(FUZZ_BUILD)/obj/ngx_aq_errors.c \
-                                  $(FUZZ_HEADERS) | fuzz-cc
 	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_INCS) -c $< -o $@
 
 $(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/obj/fuzz_%.o $(FUZZ_OBJS)

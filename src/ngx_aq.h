@@ -62,8 +62,8 @@ typedef void (*ngx_aq_query_handler_pt)(ngx_aq_query_t *q, PGresult *res,
     ngx_uint_t outcome);
 
 
-/* the outcomes answers are counted by, see ngx_aq_status.c */
-#define NGX_AQ_NOUTCOMES          27
+/* the outcomes answers are counted by: NGX_AQ_OUTCOME_*, NGX_AQ_NOUTCOMES */
+#include "ngx_aq_outcomes.h"
 
 
 /* a worker's pool, as the status page sees it: in shared memory */
@@ -230,32 +230,13 @@ const ngx_aq_error_t *ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body,
     ngx_str_t *result);
 ngx_int_t ngx_aq_uuid_valid(u_char *p, size_t len);
 
-/* ngx_aq_response.c */
-extern const ngx_aq_error_t  ngx_aq_err_invalid_json;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_request;
-extern const ngx_aq_error_t  ngx_aq_err_missing_queue_id;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_queue_id;
-extern const ngx_aq_error_t  ngx_aq_err_missing_item_id;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_item_id;
-extern const ngx_aq_error_t  ngx_aq_err_missing_version;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_version;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_result;
-extern const ngx_aq_error_t  ngx_aq_err_missing_api_key;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_authorization;
-extern const ngx_aq_error_t  ngx_aq_err_invalid_api_key;
-extern const ngx_aq_error_t  ngx_aq_err_queue_not_found;
-extern const ngx_aq_error_t  ngx_aq_err_item_not_found;
-extern const ngx_aq_error_t  ngx_aq_err_method_not_allowed;
-extern const ngx_aq_error_t  ngx_aq_err_no_items_available;
-extern const ngx_aq_error_t  ngx_aq_err_stale_claim;
-extern const ngx_aq_error_t  ngx_aq_err_body_too_large;
-extern const ngx_aq_error_t  ngx_aq_err_rate_limited;
-extern const ngx_aq_error_t  ngx_aq_err_database_unavailable;
-extern const ngx_aq_error_t  ngx_aq_err_pool_saturated;
-extern const ngx_aq_error_t  ngx_aq_err_wait_timeout;
-extern const ngx_aq_error_t  ngx_aq_err_query_timeout;
-extern const ngx_aq_error_t  ngx_aq_err_internal;
+/* ngx_aq_errors.c: ngx_aq_err_<name> of every NGX_AQ_ERRORS() entry */
+#define NGX_AQ_ERROR_EXTERN(name, status, code, message, counter)            \
+    extern const ngx_aq_error_t  ngx_aq_err_##name;
+NGX_AQ_ERRORS(NGX_AQ_ERROR_EXTERN)
+#undef NGX_AQ_ERROR_EXTERN
 
+/* ngx_aq_response.c */
 ngx_int_t ngx_aq_send_json(ngx_http_request_t *r, ngx_uint_t status,
     u_char *body, size_t len);
 ngx_int_t ngx_aq_send_body(ngx_http_request_t *r, u_char *body, size_t len);

@@ -27,164 +27,6 @@ static ngx_http_output_header_filter_pt  ngx_aq_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_aq_next_body_filter;
 
 
-/* every error the module answers with */
-
-const ngx_aq_error_t  ngx_aq_err_invalid_json = {
-    NGX_HTTP_BAD_REQUEST, "invalid_json",
-    "the request body is not valid JSON",
-    1
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_request = {
-    NGX_HTTP_BAD_REQUEST, "invalid_request",
-    "the request body must be a JSON object",
-    2
-};
-
-const ngx_aq_error_t  ngx_aq_err_missing_queue_id = {
-    NGX_HTTP_BAD_REQUEST, "missing_queue_id", "queue_id is required",
-    3
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_queue_id = {
-    NGX_HTTP_BAD_REQUEST, "invalid_queue_id",
-    "queue_id must be a UUID string",
-    4
-};
-
-const ngx_aq_error_t  ngx_aq_err_missing_item_id = {
-    NGX_HTTP_BAD_REQUEST, "missing_item_id", "item_id is required",
-    5
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_item_id = {
-    NGX_HTTP_BAD_REQUEST, "invalid_item_id",
-    "item_id must be a UUID string",
-    6
-};
-
-const ngx_aq_error_t  ngx_aq_err_missing_version = {
-    NGX_HTTP_BAD_REQUEST, "missing_version",
-    "version, the token returned by the claim, is required",
-    7
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_version = {
-    NGX_HTTP_BAD_REQUEST, "invalid_version",
-    "version must be a non-negative integer",
-    8
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_result = {
-    NGX_HTTP_BAD_REQUEST, "invalid_result", "result must be a JSON object",
-    9
-};
-
-const ngx_aq_error_t  ngx_aq_err_missing_api_key = {
-    NGX_HTTP_UNAUTHORIZED, "missing_api_key",
-    "an Authorization: Bearer header with an API key is required",
-    10
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_authorization = {
-    NGX_HTTP_UNAUTHORIZED, "invalid_authorization",
-    "the Authorization header must be: Bearer <api key>",
-    11
-};
-
-const ngx_aq_error_t  ngx_aq_err_invalid_api_key = {
-    NGX_HTTP_UNAUTHORIZED, "invalid_api_key",
-    "the API key is invalid, revoked or expired",
-    12
-};
-
-const ngx_aq_error_t  ngx_aq_err_queue_not_found = {
-    NGX_HTTP_NOT_FOUND, "queue_not_found", "no such queue",
-    13
-};
-
-const ngx_aq_error_t  ngx_aq_err_item_not_found = {
-    NGX_HTTP_NOT_FOUND, "item_not_found", "no such item",
-    14
-};
-
-const ngx_aq_error_t  ngx_aq_err_method_not_allowed = {
-    NGX_HTTP_NOT_ALLOWED, "method_not_allowed", "only POST is allowed here",
-    15
-};
-
-const ngx_aq_error_t  ngx_aq_err_no_items_available = {
-    NGX_HTTP_CONFLICT, "no_items_available",
-    "no items available or all items already claimed",
-    16
-};
-
-const ngx_aq_error_t  ngx_aq_err_stale_claim = {
-    NGX_HTTP_CONFLICT, "stale_claim",
-    "the item is not held with this version: the lease expired and it "
-    "was claimed again, or it was released or completed",
-    17
-};
-
-const ngx_aq_error_t  ngx_aq_err_body_too_large = {
-    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "body_too_large",
-    "the request body is too large",
-    18
-};
-
-const ngx_aq_error_t  ngx_aq_err_rate_limited = {
-    NGX_HTTP_TOO_MANY_REQUESTS, "rate_limited",
-    "too many requests with this API key, retry later",
-    19
-};
-
-const ngx_aq_error_t  ngx_aq_err_database_unavailable = {
-    NGX_HTTP_SERVICE_UNAVAILABLE, "database_unavailable",
-    "the database is unavailable, retry later",
-    20
-};
-
-const ngx_aq_error_t  ngx_aq_err_pool_saturated = {
-    NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
-    "too many requests are waiting for a database connection, retry later",
-    21
-};
-
-const ngx_aq_error_t  ngx_aq_err_wait_timeout = {
-    NGX_HTTP_SERVICE_UNAVAILABLE, "pool_saturated",
-    "no database connection became free in time, retry later",
-    21
-};
-
-const ngx_aq_error_t  ngx_aq_err_query_timeout = {
-    NGX_HTTP_GATEWAY_TIME_OUT, "query_timeout",
-    "the database did not answer in time",
-    22
-};
-
-const ngx_aq_error_t  ngx_aq_err_bad_request = {
-    NGX_HTTP_BAD_REQUEST, "bad_request", "the request is malformed",
-    24
-};
-
-const ngx_aq_error_t  ngx_aq_err_request_timeout = {
-    NGX_HTTP_REQUEST_TIME_OUT, "request_timeout",
-    "the request was not received in time",
-    25
-};
-
-const ngx_aq_error_t  ngx_aq_err_service_unavailable = {
-    NGX_HTTP_SERVICE_UNAVAILABLE, "service_unavailable",
-    "the service is unavailable, retry later",
-    26
-};
-
-const ngx_aq_error_t  ngx_aq_err_internal = {
-    NGX_HTTP_INTERNAL_SERVER_ERROR, "internal_error", "internal error",
-    23
-};
-
-
 static ngx_str_t  ngx_aq_content_type = ngx_string("application/json");
 static ngx_str_t  ngx_aq_cache_control = ngx_string("Cache-Control");
 static ngx_str_t  ngx_aq_no_store = ngx_string("no-store");
@@ -516,6 +358,13 @@ ngx_aq_error_for_status(ngx_uint_t status)
     case NGX_HTTP_BAD_REQUEST:
         return &ngx_aq_err_bad_request;
 
+    case NGX_HTTP_FORBIDDEN:
+        /* allow, deny, auth_request, ... */
+        return &ngx_aq_err_forbidden;
+
+    case NGX_HTTP_NOT_FOUND:
+        return &ngx_aq_err_not_found;
+
     case NGX_HTTP_NOT_ALLOWED:
         return &ngx_aq_err_method_not_allowed;
 
@@ -526,7 +375,8 @@ ngx_aq_error_for_status(ngx_uint_t status)
         return &ngx_aq_err_body_too_large;
 
     case NGX_HTTP_TOO_MANY_REQUESTS:
-        return &ngx_aq_err_rate_limited;
+        /* limit_req or limit_conn with 429: not per key */
+        return &ngx_aq_err_too_many_requests;
 
     case NGX_HTTP_SERVICE_UNAVAILABLE:
         /* not the database's: limit_req, limit_conn, ... */

@@ -32,19 +32,14 @@ static const char  *ngx_aq_status_successes[NGX_AQ_NSTMTS] = {
     "claimed", "extended", "released", "completed", "claimed"
 };
 
-/* the error codes in the order of their ngx_aq_error_t.outcome */
+/* the outcome labels, by NGX_AQ_OUTCOME_* (0, the successes: above) */
 
 static const char  *ngx_aq_status_outcomes[NGX_AQ_NOUTCOMES] = {
     NULL,
-    "invalid_json", "invalid_request", "missing_queue_id",
-    "invalid_queue_id", "missing_item_id", "invalid_item_id",
-    "missing_version", "invalid_version", "invalid_result",
-    "missing_api_key", "invalid_authorization", "invalid_api_key",
-    "queue_not_found", "item_not_found", "method_not_allowed",
-    "no_items_available", "stale_claim", "body_too_large", "rate_limited",
-    "database_unavailable", "pool_saturated", "query_timeout",
-    "internal_error", "bad_request", "request_timeout",
-    "service_unavailable"
+#define NGX_AQ_STATUS_LABEL(name, status, code, message, counter)            \
+    code,
+    NGX_AQ_ERRORS(NGX_AQ_STATUS_LABEL)
+#undef NGX_AQ_STATUS_LABEL
 };
 
 

@@ -124,6 +124,14 @@ $AQ::CONFIG = "    access_log logs/aq.log aq;\n" . $AQ::Workflow::LOCATIONS . <<
     location = /plain {
         return 200 '{"plain": true}';
     }
+    location = /denied/queue {
+        deny all;
+        annotation_queue_claim;
+    }
+    location = /gone/queue {
+        return 404;
+        annotation_queue_claim;
+    }
     location = /timeout/queue {
         client_body_timeout __BODY_TIMEOUT__s;
         annotation_queue_claim;
@@ -141,7 +149,9 @@ our @secret_patterns = map { AQ::secret_parts($k{$_}) } sort keys %k;
 our %nginx_error = (
     400 => '{"success":false,"error":{"code":"bad_request","message":"the request is malformed"}}',
     408 => '{"success":false,"error":{"code":"request_timeout","message":"the request was not received in time"}}',
-    429 => '{"success":false,"error":{"code":"rate_limited","message":"too many requests with this API key, retry later"}}',
+    403 => '{"success":false,"error":{"code":"forbidden","message":"access to this endpoint is denied"}}',
+    404 => '{"success":false,"error":{"code":"not_found","message":"no such endpoint"}}',
+    429 => '{"success":false,"error":{"code":"rate_limited","message":"too many requests, retry later"}}',
     500 => '{"success":false,"error":{"code":"internal_error","message":"internal error"}}',
     503 => '{"success":false,"error":{"code":"service_unavailable","message":"the service is unavailable, retry later"}}',
 );
@@ -387,3 +397,26 @@ AQ::Workflow::req('/tempfile/queue', { queue_id => $::q{nginx}, padding => 'x' x
 Not a directory
 --- no_error_log
 [alert]
+
+
+
+=== TEST 9: deny and return in a claim location: 403 forbidden and 404 not_found, JSON, never internal_error
+nginx answers these itself, before the module runs; the module rewrites
+them into its JSON with a code of their own.
+--- request eval
+[AQ::Workflow::req('/denied/queue', { queue_id => $::q{nginx} }),
+ AQ::Workflow::req('/gone/queue', { queue_id => $::q{nginx} })]
+--- more_headers eval
+[map { ::tagged(@$_) } [d403 => 'dave'], [g404 => 'dave']]
+--- error_code eval
+[403, 404]
+--- response_headers_like eval
+["Content-Type: application/json", "Content-Type: application/json"]
+--- response_body_filters eval
+[[::as_is('d403')], [::as_is('g404')]]
+--- response_body_like eval
+["^" . quotemeta($::nginx_error{403}) . "\nt=d403 status=403 key=- item=- outcome=forbidden db=-\n\\z",
+ "^" . quotemeta($::nginx_error{404}) . "\nt=g404 status=404 key=- item=- outcome=not_found db=-\n\\z"]
+--- no_error_log
+[alert]
+[crit]
