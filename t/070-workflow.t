@@ -126,7 +126,7 @@ sub chunked_req {
 }
 
 # ---------------------------------------------------------------------------
-# The race at an expired lease, $ROUNDS (200) times: alice claims an item (v1),
+# The race at an expired lease, $ROUNDS (80) times: alice claims an item (v1),
 # her lease runs out; then at once bob claims the queue while alice extends
 # and completes the item quoting v1.  Exactly one side wins, every round:
 #   - bob's claim (200, v2): alice's extend and complete both get 409
@@ -141,7 +141,7 @@ sub chunked_req {
 # tally is printed, not checked).
 {
     my $what = 'race at an expired lease';
-    my $ROUNDS = 200;
+    my $ROUNDS = 80;
     my ($ngx, $port) = AQ::Workflow::start_nginx(workers => 2,
         http => 'annotation_queue_pool_size 4;');
     my $alice = AQ::Workflow::key($org, 'race-alice');
