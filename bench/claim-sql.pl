@@ -19,33 +19,36 @@ my $header = shift(@ARGV) // 'src/ngx_aq_sql.h';
 my $macro  = shift(@ARGV) // 'NGX_AQ_CLAIM_SQL';
 
 open(my $fh, '<', $header) or die "claim-sql: $header: $!\n";
-my ($in, $body) = (0, '');
-while (my $line = <$fh>) {
-    if (!$in) {
-        next unless $line =~ /^\s*#\s*define\s+\Q$macro\E\b(.*)$/s;
-        $in = 1;
-        $line = $1;
-    }
-    my $cont = $line =~ /\\\s*$/;
-    $line =~ s/\\\s*$//;
-    $body .= $line;
-    last unless $cont;
-}
+my $text = do { local $/; <$fh> };
 close $fh;
-die "claim-sql: no #define $macro in $header\n" unless $in;
 
-# strip C comments outside literals, then collect the literals
-my $sql = '';
-while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)")}gcs) {
-    next unless defined $1;
-    my $s = $1;
-    $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
-    $sql .= $s;
+# The text of a macro: its string literals, and the macros it names (the
+# claims share fragments, NGX_AQ_WALK_*), expanded in place.
+sub expand {
+    my ($name, $depth) = @_;
+    die "claim-sql: macros nested too deep at $name\n" if $depth > 8;
+    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E\b((?:[^\n]*\\\n)*[^\n]*)/m
+        or die "claim-sql: no #define $name in $header\n";
+    (my $body = $1) =~ s/\\\n/\n/g;
+    my $sql = '';
+    while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)"|([A-Z_][A-Z0-9_]*))}gcs) {
+        if (defined $2) {
+            $sql .= expand($2, $depth + 1);
+            next;
+        }
+        next unless defined $1;
+        my $s = $1;
+        $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
+        $sql .= $s;
+    }
+    pos($body) //= 0;
+    die "claim-sql: cannot parse $name near: "
+        . substr($body, pos($body), 40) . "\n"
+        if pos($body) < length($body) && substr($body, pos($body)) =~ /\S/;
+    return $sql;
 }
-pos($body) //= 0;
-die "claim-sql: cannot parse $macro near: "
-    . substr($body, pos($body), 40) . "\n"
-    if pos($body) < length($body) && substr($body, pos($body)) =~ /\S/;
+
+my $sql = expand($macro, 0);
 die "claim-sql: $macro is empty\n" if $sql eq '';
 
 if ($pgbench) {

@@ -10,6 +10,44 @@
 
 
 /*
+ * The walk both claims share: the distinct priorities of the queue's
+ * claimed items, from the highest down, one index probe each
+ * (items_expiry_idx), with the earliest lease of each.  A row (hi, lo,
+ * since): available items of priorities in (lo, hi], then the expired
+ * items of priority lo, whose earliest lease ended at since.  The head
+ * gives the first row; each statement adds the condition under which it
+ * walks at all, then the step.
+ */
+
+#define NGX_AQ_WALK_HEAD_SQL                                                  \
+    "), walk (hi, lo, since) AS ( "                                           \
+    "    SELECT 2147483647::int8, coalesce(e.priority, -2147483649), "        \
+    "           e.since "                                                     \
+    "      FROM (SELECT 1) AS one "                                           \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "
+
+#define NGX_AQ_WALK_STEP_SQL                                                  \
+    "    UNION ALL "                                                          \
+    "    SELECT w.lo, coalesce(e.priority, -2147483649), e.since "            \
+    "      FROM walk w "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.priority, i.lease_expires_at AS since "                 \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.lease_expires_at IS NOT NULL "                          \
+    "           AND i.priority < w.lo "                                       \
+    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
+    "         LIMIT 1) AS e ON true "                                         \
+    "     WHERE w.lo >= -2147483648 "
+
+
+/*
  * The claim, in one round trip and one implicit transaction:
  *
  *   $1 bytea   SHA-256 of the bearer key
@@ -114,31 +152,10 @@
     "       AND coalesce(i.lease_expires_at, 'infinity') <= now() "           \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     "       FOR UPDATE SKIP LOCKED "                                          \
-    "), walk (hi, lo, since) AS ( "                                           \
-    "    SELECT 2147483647::int8, coalesce(e.priority, -2147483649), "        \
-    "           e.since "                                                     \
-    "      FROM (SELECT 1) AS one "                                           \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.priority, i.lease_expires_at AS since "                 \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.lease_expires_at IS NOT NULL "                          \
-    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
-    "         LIMIT 1) AS e ON true "                                         \
+    NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
-    "    UNION ALL "                                                          \
-    "    SELECT w.lo, coalesce(e.priority, -2147483649), e.since "            \
-    "      FROM walk w "                                                      \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.priority, i.lease_expires_at AS since "                 \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.lease_expires_at IS NOT NULL "                          \
-    "           AND i.priority < w.lo "                                       \
-    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
-    "         LIMIT 1) AS e ON true "                                         \
-    "     WHERE w.lo >= -2147483648 "                                         \
+    NGX_AQ_WALK_STEP_SQL                                                      \
     "), next AS MATERIALIZED ( "                                              \
     "    SELECT coalesce(a.id, e.id) AS id, "                                 \
     "           coalesce(a.version, e.version) AS version "                   \
@@ -259,30 +276,9 @@
     "      FROM kq "                                                          \
     "     WHERE kq.key_id NOT IN (SELECT key_id FROM mine) "                  \
     "     GROUP BY kq.key_id "                                                \
-    "), walk (hi, lo, since) AS ( "                                           \
-    "    SELECT 2147483647::int8, coalesce(e.priority, -2147483649), "        \
-    "           e.since "                                                     \
-    "      FROM (SELECT 1) AS one "                                           \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.priority, i.lease_expires_at AS since "                 \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.lease_expires_at IS NOT NULL "                          \
-    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
-    "         LIMIT 1) AS e ON true "                                         \
+    NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
-    "    UNION ALL "                                                          \
-    "    SELECT w.lo, coalesce(e.priority, -2147483649), e.since "            \
-    "      FROM walk w "                                                      \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.priority, i.lease_expires_at AS since "                 \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.lease_expires_at IS NOT NULL "                          \
-    "           AND i.priority < w.lo "                                       \
-    "         ORDER BY i.priority DESC, i.lease_expires_at "                  \
-    "         LIMIT 1) AS e ON true "                                         \
-    "     WHERE w.lo >= -2147483648 "                                         \
+    NGX_AQ_WALK_STEP_SQL                                                      \
     "), next AS MATERIALIZED ( "                                              \
     "    SELECT coalesce(a.id, e.id) AS id, "                                 \
     "           coalesce(a.version, e.version) AS version "                   \
