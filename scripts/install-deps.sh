@@ -18,7 +18,7 @@ pkgs=(build-essential nginx nginx-dev libpq-dev libjansson-dev libssl-dev
       postgresql-15 postgresql-contrib libdbd-pg-perl libjson-pp-perl
       libipc-run-perl libtext-diff-perl libtest-longstring-perl
       liblist-moreutils-perl libtest-base-perl curl
-      libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl)
+      libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl openssl)
 
 missing=()
 for p in "${pkgs[@]}"; do
