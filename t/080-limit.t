@@ -119,7 +119,7 @@ sub error_code_of {
     my $queue = AQ::Workflow::queue($org, 'two-workers');
     AQ::Workflow::enqueue($queue, 'workers-1');
     my $key = AQ::Workflow::key($org, 'workers');
-    my $ngx = AQ::start_nginx(workers => 2,
+    my $ngx = AQ::start_nginx(workers => 2, listen => 'reuseport',
         http     => "annotation_queue_limit_zone zone=shared:1m rate=$RATE;",
         location => "annotation_queue_limit zone=shared burst=9;\n"
                   . '            add_header X-Worker $pid always;');

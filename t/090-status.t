@@ -70,7 +70,8 @@ our $tarpit = IO::Socket::INET->new(Listen => 128, LocalAddr => '127.0.0.1',
     # read: both bounds scale with AQ::slow()
     my $query_timeout = 10 * AQ::slow();
     my $tarpit_timeout = 3 * AQ::slow();
-    my $ngx = AQ::start_nginx(workers => 2, location => 'add_header X-Worker $pid always;',
+    my $ngx = AQ::start_nginx(workers => 2, listen => 'reuseport',
+                              location => 'add_header X-Worker $pid always;',
                               http => <<"_EOC_");
     annotation_queue_pool_size 1;
     annotation_queue_max_waiting 8;

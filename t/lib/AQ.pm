@@ -643,7 +643,10 @@ sub free_port {
 
 # The text of an nginx.conf.  Options: prefix, port, workers (1), dsn
 # ($DSN), http (more http directives), location (more location directives),
-# log_level (info), worker_connections (1024).
+# log_level (info), worker_connections (1024), listen (more parameters of
+# the listen directive: "reuseport" gives each worker a socket of its own,
+# so that the kernel spreads new connections over the workers whatever
+# their load).
 sub nginx_conf {
     my (%o) = @_;
     my $prefix  = $o{prefix} or die 'nginx_conf: prefix';
@@ -652,6 +655,7 @@ sub nginx_conf {
     my $dsn     = $o{dsn} // $DSN;
     my $level   = $o{log_level} // 'info';
     my $wconns  = $o{worker_connections} // 1024;
+    my $listen  = $o{listen} ? " $o{listen}" : '';
     my $http     = $o{http} // '';
     my $location = $o{location} // '';
     my $load  = join '', map { "load_module $_;\n" }
@@ -680,7 +684,7 @@ http {
     annotation_queue_database "$dsn";
 $http
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$listen;
 
         location = $URI {
             annotation_queue_claim;

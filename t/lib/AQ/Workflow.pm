@@ -299,15 +299,19 @@ sub log_line {
 # database, no rate limit); uri => '/elsewhere' probes another location
 # instead (e.g. nginx's own 404, which the status page does not count: the
 # X-Worker header then at the http level).  Returns { pid => [AQ::Client x
-# $per_worker] } with $workers pids, or fewer if 200 connections did not
-# reach them all; pids in except => [...] are not taken.
+# $per_worker] } with $workers pids, or fewer if connections for 30 s (times
+# AQ::slow(), 200 at least) did not reach them all; pids in except => [...]
+# are not taken.
 
 sub worker_connections {
     my ($port, $per_worker, %o) = @_;
     my $workers = $o{workers} // 2;
     my %except = map { $_ => 1 } @{ $o{except} || [] };
     my %by;
-    for (1 .. 200) {
+    # a worker starved of CPU may accept nothing for a while: try for a
+    # time (scaled), not a number of times
+    my $deadline = Time::HiRes::time() + 30 * AQ::slow();
+    for (my $n = 0; $n < 200 || Time::HiRes::time() < $deadline; $n++) {
         my $c = AQ::Client->new(port => $port, timeout => $o{timeout} // 20);
         my ($st, $h) = $c->request(method => 'GET', uri => $o{uri});
         my $pid = $h->{'x-worker'};
