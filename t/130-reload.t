@@ -222,9 +222,15 @@ my @unexplained = grep { !($_->{t} >= $reloaded && $_->{t} < $old_gone_at + $mar
 is_deeply(\@unexplained, [], 'connections broke only around the reload and the kill')
     or diag explain \@unexplained;
 
+# A new connection may break at the reload too: an old worker can accept
+# it just before it stops listening, and then closes it with its idle
+# connections (nginx's graceful shutdown; seen once in 20 runs beside two
+# CPU burners).  Such a connection is within the client's budget above; at
+# most one per old worker over all the clients.
 my @fresh = grep { !$_->{reused} && $_->{t} < $killed } @broken;
-is_deeply(\@fresh, [], 'at the reload only kept-alive connections broke: no new connection was '
-                       . 'refused or dropped') or diag explain \@fresh;
+cmp_ok(scalar @fresh, '<=', $WORKERS, 'at the reload, at most one new connection per old '
+                                      . 'worker broke (accepted as it stopped listening)')
+    or diag explain \@fresh;
 
 my $total = 0;
 $total += $_->{ok} // 0 for @$results;
