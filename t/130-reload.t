@@ -224,9 +224,9 @@ is_deeply(\@unexplained, [], 'connections broke only around the reload and the k
 
 # A new connection may break at the reload too: an old worker can accept
 # it just before it stops listening, and then closes it with its idle
-# connections (nginx's graceful shutdown; seen once in 20 runs beside two
-# CPU burners).  Such a connection is within the client's budget above; at
-# most one per old worker over all the clients.
+# connections (nginx's graceful shutdown; seen in a make test-repeat run
+# beside two CPU burners).  Such a connection is within the client's budget
+# above; at most one per old worker over all the clients.
 my @fresh = grep { !$_->{reused} && $_->{t} < $killed } @broken;
 cmp_ok(scalar @fresh, '<=', $WORKERS, 'at the reload, at most one new connection per old '
                                       . 'worker broke (accepted as it stopped listening)')
