@@ -164,7 +164,7 @@ pg_ticks() {   # the postmaster's CPU and its reaped and live children's
     kids=$(ps -o pid= --ppid "$pm" | awk '{printf "/proc/%s/stat ", $1}')
     { awk '{print $14 + $15 + $16 + $17}' "/proc/$pm/stat"
       # shellcheck disable=SC2086
-      [ -z "$kids" ] || cat $kids 2>/dev/null | awk '{s += $14 + $15} END {print s + 0}'
+      [ -z "$kids" ] || { cat $kids 2>/dev/null || true; } | awk '{s += $14 + $15} END {print s + 0}'
     } | awk '{s += $1} END {print s + 0}'
 }
 pgss() {   # -> calls exec_ms plan_ms buffers_per_call

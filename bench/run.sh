@@ -144,7 +144,7 @@ tree_ticks() {
     kids=$(ps -o pid= --ppid "$1" | awk '{printf "/proc/%s/stat ", $1}')
     { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"
       # shellcheck disable=SC2086
-      [ -z "$kids" ] || cat $kids 2>/dev/null | awk '{s += $14 + $15} END {print s + 0}'
+      [ -z "$kids" ] || { cat $kids 2>/dev/null || true; } | awk '{s += $14 + $15} END {print s + 0}'
     } | awk '{s += $1} END {print s + 0}'
 }
 snap() {   # shell pid (BASHPID of the caller)
