@@ -495,17 +495,30 @@ for c in $LEVELS; do
         for pr in $(seq "$PAIRS"); do
             ts+=("${P[$pr,$c,$qn,t]}") p50s+=("${P[$pr,$c,$qn,p50]}") p99s+=("${P[$pr,$c,$qn,p99]}")
         done
+        [ "$qn" != dirty ] || { DT=("${ts[@]}") D50=("${p50s[@]}"); }
         printf '%s connections, %s queue: median %.0f claims/s (first phase %s, last %s), p50 %.2f ms, p99 %.2f ms\n' \
             "$c" "$qn" "$(median "${ts[@]}")" "${ts[0]}" "${ts[-1]}" "$(median "${p50s[@]}")" "$(median "${p99s[@]}")"
     done
     if [ "$CLEAN" != 0 ]; then
+        # against the clean queue of the same round (the same moment on the
+        # machine), and against its first phase at this level: the clean
+        # queue's own claims stay live, and once its head walks below them
+        # it is no longer clean (a statement whose cost grows with the live
+        # claims above the head then slows both queues alike, and the pairs'
+        # ratios alone would hide it)
         # shellcheck disable=SC2086
         mr=$(median ${RT[$c]}) m50=$(median ${R50[$c]})
         lo=$(printf '%s\n' ${RT[$c]} | sort -g | head -1); hi50=$(printf '%s\n' ${R50[$c]} | sort -g | tail -1)
+        fr=$(ratio "$(median "${DT[@]}")" "${P[1,$c,clean,t]}")
+        f50=$(ratio "$(median "${D50[@]}")" "${P[1,$c,clean,p50]}")
         verdict=met
-        awk -v r="$mr" -v p="$m50" 'BEGIN {exit !(r >= 0.8 && p <= 1.2)}' || verdict="NOT met"
-        printf '%s connections, dirty / clean of each pair: claims/s median %.2f (lowest %s), p50 median %.2f (highest %s): target (rate >= 0.80, p50 <= 1.20) %s\n' \
-            "$c" "$mr" "$lo" "$m50" "$hi50" "$verdict"
+        awk -v r="$mr" -v p="$m50" -v fr="$fr" -v fp="$f50" \
+            'BEGIN {exit !(r >= 0.8 && p <= 1.2 && fr >= 0.8 && fp <= 1.2)}' || verdict="NOT met"
+        printf '%s connections, dirty / clean of each pair: claims/s median %.2f (lowest %s), p50 median %.2f (highest %s)\n' \
+            "$c" "$mr" "$lo" "$m50" "$hi50"
+        printf '%s connections, dirty (median of its phases) / the clean queue'"'"'s first phase: claims/s %.2f, p50 %.2f\n' \
+            "$c" "$fr" "$f50"
+        printf '%s connections: target (both ratios: rate >= 0.80, p50 <= 1.20) %s\n' "$c" "$verdict"
     fi
 done
 echo
