@@ -50,6 +50,14 @@ static ngx_conf_post_t  ngx_http_annotation_queue_positive_msec = {
 };
 
 
+static ngx_conf_enum_t  ngx_http_annotation_queue_statement_timeouts[] = {
+    { ngx_string("startup"), NGX_AQ_TIMEOUT_STARTUP },
+    { ngx_string("local"), NGX_AQ_TIMEOUT_LOCAL },
+    { ngx_string("off"), NGX_AQ_TIMEOUT_OFF },
+    { ngx_null_string, 0 }
+};
+
+
 static ngx_command_t  ngx_http_annotation_queue_commands[] = {
 
     { ngx_string("annotation_queue_database"),
@@ -121,6 +129,20 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_annotation_queue_loc_conf_t, query_timeout),
       &ngx_http_annotation_queue_positive_msec },
+
+    { ngx_string("annotation_queue_prepare"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, prepare),
+      NULL },
+
+    { ngx_string("annotation_queue_statement_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_enum_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, statement_timeout),
+      &ngx_http_annotation_queue_statement_timeouts },
 
     { ngx_string("annotation_queue_max_body_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -426,6 +448,8 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->max_waiting = NGX_CONF_UNSET_UINT;
     conf->connect_timeout = NGX_CONF_UNSET_MSEC;
     conf->query_timeout = NGX_CONF_UNSET_MSEC;
+    conf->prepare = NGX_CONF_UNSET;
+    conf->statement_timeout = NGX_CONF_UNSET_UINT;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->limit_zone = NGX_CONF_UNSET_PTR;
@@ -446,6 +470,10 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_uint_value(conf->max_waiting, prev->max_waiting, 128);
     ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout,
                               5000);
+    ngx_conf_merge_value(conf->prepare, prev->prepare, 1);
+    ngx_conf_merge_uint_value(conf->statement_timeout,
+                              prev->statement_timeout,
+                              NGX_AQ_TIMEOUT_STARTUP);
     ngx_conf_merge_msec_value(conf->query_timeout, prev->query_timeout,
                               5000);
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
@@ -517,6 +545,8 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
             && pool->max_waiting == alcf->max_waiting
             && pool->connect_timeout == alcf->connect_timeout
             && pool->query_timeout == alcf->query_timeout
+            && pool->prepare == alcf->prepare
+            && pool->statement_timeout == alcf->statement_timeout
             && pool->conninfo.len == alcf->database.len
             && ngx_strncmp(pool->conninfo.data, alcf->database.data,
                            alcf->database.len)
@@ -537,6 +567,8 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     pool->max_waiting = alcf->max_waiting;
     pool->connect_timeout = alcf->connect_timeout;
     pool->query_timeout = alcf->query_timeout;
+    pool->prepare = alcf->prepare;
+    pool->statement_timeout = alcf->statement_timeout;
 
     pp = ngx_array_push(amcf->pools);
     if (pp == NULL) {

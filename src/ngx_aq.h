@@ -46,6 +46,12 @@ typedef enum {
 } ngx_aq_stmt_e;
 
 
+/* how PostgreSQL is told the query timeout (statement_timeout) */
+#define NGX_AQ_TIMEOUT_OFF        0
+#define NGX_AQ_TIMEOUT_STARTUP    1     /* options=-c statement_timeout=... */
+#define NGX_AQ_TIMEOUT_LOCAL      2     /* set_config(..., true), pipelined */
+
+
 /* outcomes a query handler is told of besides a PGresult */
 #define NGX_AQ_QUERY_OK           0
 #define NGX_AQ_QUERY_UNAVAILABLE  1
@@ -85,6 +91,8 @@ struct ngx_aq_pool_s {
     ngx_uint_t                max_waiting;
     ngx_msec_t                connect_timeout;
     ngx_msec_t                query_timeout;
+    ngx_flag_t                prepare;
+    ngx_uint_t                statement_timeout;
 
     /* per worker, set up in init_process */
     ngx_aq_conn_t            *conns;
@@ -95,6 +103,7 @@ struct ngx_aq_pool_s {
     ngx_aq_stats_t           *shared;     /* the status page's slot */
     ngx_log_t                *log;
     char                      options[64];
+    char                      timeout[NGX_INT64_LEN + 1];
 };
 
 
@@ -200,6 +209,8 @@ typedef struct {
     ngx_uint_t                max_waiting;
     ngx_msec_t                connect_timeout;
     ngx_msec_t                query_timeout;
+    ngx_flag_t                prepare;
+    ngx_uint_t                statement_timeout;
     size_t                    max_body_size;
     ngx_msec_t                lease;
 

@@ -59,6 +59,10 @@ struct ngx_aq_conn_s {
     PGresult                 *result;
     ngx_aq_conn_state_e       state;
     ngx_uint_t                prepared;
+    ngx_uint_t                nulls;     /* ends of statements, pipelined */
+
+    unsigned                  pipeline:1;
+    unsigned                  skip:1;    /* set_config()'s row comes first */
 
     unsigned                  want_read:1;
     unsigned                  want_write:1;
@@ -69,6 +73,9 @@ static ngx_int_t ngx_aq_conn_connect(ngx_aq_pool_t *pool);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_connected(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_send_stmt(ngx_aq_conn_t *ac, ngx_aq_stmt_e n,
+    const char *const *values, const int *lengths, const int *formats);
 static ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q);
 static ngx_int_t ngx_aq_conn_send_batch(ngx_aq_conn_t *ac,
     ngx_aq_query_t **qs, ngx_uint_t n);
@@ -141,12 +148,17 @@ ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
 
     /*
      * The server bounds each statement too: a query the worker gave up on
-     * does not run on.  It comes before the user's conninfo in the
-     * connection parameters, so an "options" there takes precedence.
+     * does not run on.  Either at connect, in the "options" startup
+     * parameter, which comes before the user's conninfo so that an
+     * "options" there takes precedence (poolers refuse it), or in the
+     * statement's own round trip (ngx_aq_conn_send_stmt()).
      */
 
     *ngx_snprintf((u_char *) pool->options, sizeof(pool->options) - 1,
                   "-c statement_timeout=%M", pool->query_timeout) = '\0';
+
+    *ngx_snprintf((u_char *) pool->timeout, sizeof(pool->timeout) - 1,
+                  "%M", pool->query_timeout) = '\0';
 
     return NGX_OK;
 }
@@ -296,7 +308,8 @@ ngx_aq_conn_connect(ngx_aq_pool_t *pool)
     PGconn         *pg;
     ngx_uint_t      i;
     ngx_aq_conn_t  *ac;
-    const char     *keywords[4], *values[4];
+    ngx_uint_t      n;
+    const char     *keywords[5], *values[5];
 
     ac = NULL;
 
@@ -311,14 +324,27 @@ ngx_aq_conn_connect(ngx_aq_pool_t *pool)
         return NGX_BUSY;
     }
 
-    keywords[0] = "options";
-    values[0] = pool->options;
-    keywords[1] = "application_name";
-    values[1] = "nginx_annotation_queue";
-    keywords[2] = "dbname";
-    values[2] = (const char *) pool->conninfo.data;
-    keywords[3] = NULL;
-    values[3] = NULL;
+    /*
+     * Defaults the conninfo may override: it comes last.  GSSAPI encryption
+     * is not tried unless asked for: libpq's "prefer" may block in the
+     * Kerberos library before the connection starts.
+     */
+
+    n = 0;
+
+    if (pool->statement_timeout == NGX_AQ_TIMEOUT_STARTUP) {
+        keywords[n] = "options";
+        values[n++] = pool->options;
+    }
+
+    keywords[n] = "application_name";
+    values[n++] = "nginx_annotation_queue";
+    keywords[n] = "gssencmode";
+    values[n++] = "disable";
+    keywords[n] = "dbname";
+    values[n++] = (const char *) pool->conninfo.data;
+    keywords[n] = NULL;
+    values[n] = NULL;
 
     pg = PQconnectStartParams(keywords, values, 1);
 
@@ -406,6 +432,11 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 
         if (PQsetnonblocking(ac->pg, 1) != 0) {
             ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        if (!ac->pool->prepare) {
+            ngx_aq_conn_connected(ac);
             return;
         }
 
@@ -525,17 +556,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
             && ac->prepared == NGX_AQ_NSTMTS
             && PQexitPipelineMode(ac->pg))
         {
-            if (ac->c->read->timer_set) {
-                ngx_del_timer(ac->c->read);
-            }
-
-            ac->pool->st->connecting--;
-
-            ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
-                           "annotation queue: connection ready on fd:%d",
-                           ac->c->fd);
-
-            ngx_aq_conn_ready(ac);
+            ngx_aq_conn_connected(ac);
             return;
         }
 
@@ -556,6 +577,83 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 }
 
 
+static void
+ngx_aq_conn_connected(ngx_aq_conn_t *ac)
+{
+    if (ac->c->read->timer_set) {
+        ngx_del_timer(ac->c->read);
+    }
+
+    ac->pool->st->connecting--;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: connection ready on fd:%d", ac->c->fd);
+
+    ngx_aq_conn_ready(ac);
+}
+
+
+/*
+ * Sends one statement: the prepared one, or its text as an unnamed
+ * statement (annotation_queue_prepare off).  With the statement timeout
+ * set locally, a set_config() goes before it in one pipeline: both run in
+ * the implicit transaction their Sync ends, so the setting bounds this
+ * statement alone (PostgreSQL starts each Execute's timeout afresh) and
+ * leaves the session, or a pooler's server connection, as it was.
+ */
+
+static ngx_int_t
+ngx_aq_conn_send_stmt(ngx_aq_conn_t *ac, ngx_aq_stmt_e n,
+    const char *const *values, const int *lengths, const int *formats)
+{
+    const char           *timeout;
+    ngx_aq_pool_t        *pool;
+    const ngx_aq_stmt_t  *stmt;
+
+    pool = ac->pool;
+    stmt = &ngx_aq_stmts[n];
+
+    ac->pipeline = 0;
+    ac->skip = 0;
+    ac->nulls = 0;
+
+    if (pool->statement_timeout == NGX_AQ_TIMEOUT_LOCAL) {
+        timeout = pool->timeout;
+
+        if (!PQenterPipelineMode(ac->pg)
+            || !PQsendQueryParams(ac->pg, NGX_AQ_SET_TIMEOUT_SQL, 1, NULL,
+                                  &timeout, NULL, NULL, 0))
+        {
+            return NGX_ERROR;
+        }
+
+        ac->pipeline = 1;
+        ac->skip = 1;
+    }
+
+    if (pool->prepare) {
+        if (!PQsendQueryPrepared(ac->pg, stmt->name, stmt->nparams, values,
+                                 lengths, formats, 0))
+        {
+            return NGX_ERROR;
+        }
+
+    } else {
+        if (!PQsendQueryParams(ac->pg, stmt->sql, stmt->nparams, stmt->types,
+                               values, lengths, formats, 0))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ac->pipeline && !PQpipelineSync(ac->pg)) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /*
  * Sends q on ac, a connection taken out of the idle list.
  * NGX_OK: sent, the connection is busy with q;
@@ -569,12 +667,12 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_query_t *q)
     ac->state = ngx_aq_conn_busy;
     ac->c->idle = 0;
 
-    if (!PQsendQueryPrepared(ac->pg, ngx_aq_stmts[q->stmt].name,
-                             ngx_aq_stmts[q->stmt].nparams,
-                             q->values, q->lengths, q->formats, 0))
+    if (ngx_aq_conn_send_stmt(ac, q->stmt, q->values, q->lengths,
+                              q->formats)
+        != NGX_OK)
     {
         ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
-                      "annotation queue: PQsendQueryPrepared() failed, "
+                      "annotation queue: sending the query failed, "
                       "closing the connection: %*s",
                       ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
                       PQerrorMessage(ac->pg));
@@ -643,8 +741,8 @@ ngx_aq_conn_send_batch(ngx_aq_conn_t *ac, ngx_aq_query_t **qs, ngx_uint_t n)
     values[1] = qs[0]->values[1];
     values[2] = qs[0]->values[2];
 
-    if (!PQsendQueryPrepared(ac->pg, ngx_aq_stmts[NGX_AQ_STMT_CLAIM_BATCH].name,
-                             3, values, NULL, NULL, 0)
+    if (ngx_aq_conn_send_stmt(ac, NGX_AQ_STMT_CLAIM_BATCH, values, NULL, NULL)
+        != NGX_OK
         || ngx_aq_conn_flush(ac) != NGX_OK)
     {
         ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
@@ -835,8 +933,66 @@ ngx_aq_conn_read(ngx_aq_conn_t *ac)
         res = PQgetResult(ac->pg);
 
         if (res == NULL) {
-            ngx_aq_conn_done(ac);
-            return;
+            if (!ac->pipeline) {
+                ngx_aq_conn_done(ac);
+                return;
+            }
+
+            /* a statement's end: two, an error at most one more */
+
+            if (++ac->nulls > 3) {
+                ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                              "annotation queue: PostgreSQL's answer "
+                              "lacks the end of its pipeline");
+                ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+                return;
+            }
+
+            continue;
+        }
+
+        if (ac->pipeline) {
+            switch (PQresultStatus(res)) {
+
+            case PGRES_PIPELINE_SYNC:
+                PQclear(res);
+
+                if (!PQexitPipelineMode(ac->pg)) {
+                    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                                  "annotation queue: leaving pipeline "
+                                  "mode failed: %*s",
+                                  ngx_aq_pg_error_len(
+                                      PQerrorMessage(ac->pg)),
+                                  PQerrorMessage(ac->pg));
+                    ngx_aq_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+                    return;
+                }
+
+                ac->pipeline = 0;
+                ngx_aq_conn_done(ac);
+                return;
+
+            case PGRES_PIPELINE_ABORTED:
+
+                /* the statement after a set_config() that failed */
+
+                PQclear(res);
+                continue;
+
+            case PGRES_TUPLES_OK:
+                if (ac->skip) {
+                    ac->skip = 0;
+                    PQclear(res);
+                    continue;
+                }
+
+                break;
+
+            default:
+                break;
+            }
+
+            ac->skip = 0;
         }
 
         /*

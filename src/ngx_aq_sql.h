@@ -405,6 +405,15 @@
     NGX_AQ_ITEM_TAIL_SQL
 
 
+/*
+ * Before each statement, in its pipeline, when the statement timeout is set
+ * locally (annotation_queue_statement_timeout local): $1 text, in ms.
+ */
+
+#define NGX_AQ_SET_TIMEOUT_SQL                                                \
+    "SELECT pg_catalog.set_config('statement_timeout', $1, true)"
+
+
 /* prepared on every connection, in the order of ngx_aq_stmt_e */
 
 typedef struct {

@@ -53,7 +53,9 @@ my $LATE    = 2 * AQ::slow();    # how late after its timer an answer may come
 sub slow_nginx {
     my (%o) = @_;
     my $connect = delete $o{connect} // $CONNECT;
+    my $extra = delete $o{extra} // '';
     return AQ::start_nginx(workers => 1, %o, http => <<"_EOC_");
+    $extra
     annotation_queue_pool_size 1;
     annotation_queue_connect_timeout ${connect}s;
     annotation_queue_query_timeout ${TIMEOUT}s;
@@ -73,19 +75,23 @@ sub claim {
 
 sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $d->{item} : {} }
 
-{
-    my $what = 'statement_timeout from the module';
-    my $queue = AQ::queue($org, 'slow');
-    my $ids = AQ::enqueue_many($queue, 5, prefix => 'slow');
-    my $ngx = slow_nginx();
+# The server bounds the statement whichever way the module tells it: in the
+# startup options (the default), or set_config() pipelined before each
+# statement (annotation_queue_statement_timeout local, the way through a
+# pooler), with named statements or unnamed ones (annotation_queue_prepare).
+sub server_bounds_the_statement {
+    my ($what, $tag, %o) = @_;
+    my $queue = AQ::queue($org, "slow-$tag");
+    my $ids = AQ::enqueue_many($queue, 5, prefix => "slow-$tag");
+    my $ngx = slow_nginx(%o);
 
-    my ($out, undef, $body) = claim($ngx, $queue, key_of('warm'));
+    my ($out, undef, $body) = claim($ngx, $queue, key_of("$tag-warm"));
     is($out, '200 item', "$what: a first claim opens the pool's one connection");
     my $before = backend_pids();
     is(scalar @$before, 1, "$what: ... one backend") or diag explain AQ::Faults::backend_rows();
 
     my $locker = AQ::Faults::lock_items(AQ::Faults::session());
-    my ($o504, $took, $b504, $h504) = claim($ngx, $queue, key_of('blocked'));
+    my ($o504, $took, $b504, $h504) = claim($ngx, $queue, key_of("$tag-blocked"));
     my $answered = time;
     is($o504, '504 query_timeout', "$what: a claim blocked by the lock gets 504 query_timeout")
         or diag $b504;
@@ -113,22 +119,22 @@ sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $
 
     $locker->rollback;
 
-    my ($o1, undef, $b1) = claim($ngx, $queue, key_of('next'));
+    my ($o1, undef, $b1) = claim($ngx, $queue, key_of("$tag-next"));
     is($o1, '200 item', "$what: once the lock is gone, the next claim answers 200") or diag $b1;
     is(item_of($b1)->{id} // '', $ids->[1], "$what: ... with the next item of the queue")
         or diag $b1;
-    is_deeply([AQ::Faults::claim_problems(key_of('next'), $b1)], [],
+    is_deeply([AQ::Faults::claim_problems(key_of("$tag-next"), $b1)], [],
               "$what: ... held by its key in the database at the version answered");
     my $now = backend_pids();
     ok(@$now == 1 && $now->[0] != $before->[0], "$what: ... on a new connection")
         or diag explain [$before, $now];
 
-    my ($o2, undef, $b2) = claim($ngx, $queue, key_of('blocked'));
+    my ($o2, undef, $b2) = claim($ngx, $queue, key_of("$tag-blocked"));
     is($o2, '200 item', "$what: the key whose claim timed out claims again: 200") or diag $b2;
     is(item_of($b2)->{id} // '', $ids->[2],
        "$what: ... a new item: the cancelled claim took nothing") or diag $b2;
     is(item_of($b2)->{version} // '', 1, "$what: ... at version 1");
-    is_deeply([AQ::Faults::claim_problems(key_of('blocked'), $b2)], [],
+    is_deeply([AQ::Faults::claim_problems(key_of("$tag-blocked"), $b2)], [],
               "$what: ... held by that key in the database");
 
     is_deeply(AQ::counts($queue), { available => 2, claimed => 3, completed => 0 },
@@ -139,18 +145,27 @@ sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $
               "$what: no [alert], [crit] or [emerg] in the error log");
 }
 
-{
-    my $what = 'control: statement_timeout 30s from the conninfo';
-    my $queue = AQ::queue($org, 'slow-control');
-    my $ids = AQ::enqueue_many($queue, 5, prefix => 'control');
-    my $ngx = slow_nginx(dsn => "$AQ::DSN options='-c statement_timeout=30s'");
+server_bounds_the_statement('statement_timeout from the module', 'startup');
+server_bounds_the_statement('statement_timeout set locally', 'local',
+                            extra => "annotation_queue_statement_timeout local;");
+server_bounds_the_statement('statement_timeout set locally, unnamed statements', 'unnamed',
+                            extra => "annotation_queue_statement_timeout local;\n"
+                                     . "annotation_queue_prepare off;");
 
-    my ($out) = claim($ngx, $queue, key_of('c-warm'));
+# Controls: the statement left unbounded by the server lingers behind the
+# lock, so the checks above can tell.
+sub statement_lingers {
+    my ($what, $tag, %o) = @_;
+    my $queue = AQ::queue($org, "slow-$tag");
+    my $ids = AQ::enqueue_many($queue, 5, prefix => $tag);
+    my $ngx = slow_nginx(%o);
+
+    my ($out) = claim($ngx, $queue, key_of("$tag-c-warm"));
     is($out, '200 item', "$what: a first claim answers 200");
     my $before = backend_pids();
 
     my $locker = AQ::Faults::lock_items(AQ::Faults::session());
-    my ($o504, $took) = claim($ngx, $queue, key_of('c-blocked'));
+    my ($o504, $took) = claim($ngx, $queue, key_of("$tag-c-blocked"));
     is($o504, '504 query_timeout', "$what: a claim blocked by the lock gets 504 at the query "
                                    . sprintf('timeout (%.3f s)', $took));
 
@@ -165,20 +180,20 @@ sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $
     my $done = AQ::Faults::wait_until(3, sub { AQ::Faults::backends(state => 'active') == 0 });
     ok($done, "$what: once the lock is gone, the statement ends");
 
-    my ($o1, undef, $b1) = claim($ngx, $queue, key_of('c-next'));
+    my ($o1, undef, $b1) = claim($ngx, $queue, key_of("$tag-c-next"));
     is($o1, '200 item', "$what: the next claim answers 200") or diag $b1;
     is(item_of($b1)->{id} // '', $ids->[2],
        "$what: ... with its own item (the timed-out claim committed the one before)")
         or diag $b1;
-    is_deeply([AQ::Faults::claim_problems(key_of('c-next'), $b1)], [],
+    is_deeply([AQ::Faults::claim_problems(key_of("$tag-c-next"), $b1)], [],
               "$what: ... held by its key in the database at the version answered");
     ok(!grep({ $_ == $before->[0] } @{ backend_pids() }),
        "$what: ... not on the connection that timed out");
 
     my $late = AQ::item($ids->[1]);
-    is($late->{claimed_by} // '', AQ::key_id(key_of('c-blocked')),
+    is($late->{claimed_by} // '', AQ::key_id(key_of("$tag-c-blocked")),
        "$what: the claim answered 504 committed when the lock went away");
-    my ($o2, undef, $b2) = claim($ngx, $queue, key_of('c-blocked'));
+    my ($o2, undef, $b2) = claim($ngx, $queue, key_of("$tag-c-blocked"));
     is(item_of($b2)->{id} // '', $ids->[1],
        "$what: ... and its key gets that item back when it claims again (resume)")
         or diag $b2;
@@ -188,6 +203,11 @@ sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $
     is_deeply(AQ::Faults::log_problems($ngx->error_log), [],
               "$what: no [alert], [crit] or [emerg] in the error log");
 }
+
+statement_lingers('control: statement_timeout 30s from the conninfo', 'control',
+                  dsn => "$AQ::DSN options='-c statement_timeout=30s'");
+statement_lingers('control: annotation_queue_statement_timeout off', 'off',
+                  extra => 'annotation_queue_statement_timeout off;');
 
 # Claims wait for the pool's one connection behind a blocked claim.  When
 # it times out, the connection is closed and a new one opened for them.
