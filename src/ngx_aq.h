@@ -6,8 +6,9 @@
  * content handlers) -> ngx_aq_request.c (key, body, query, answer: the flow
  * every endpoint shares) -> ngx_aq_key.c (the bearer key) -> the endpoint's
  * action, ngx_aq_claim.c or ngx_aq_item.c (its body, its statement, its
- * answer) with ngx_aq_json.c (parsing) -> ngx_aq_pool.c (PostgreSQL) ->
- * ngx_aq_response.c (JSON answers and errors).
+ * answer, its statement's rules) with ngx_aq_json.c (parsing) ->
+ * ngx_aq_pool.c (the pool and its wait list) -> ngx_aq_conn.c (libpq and
+ * the socket) -> ngx_aq_response.c (JSON answers and errors).
  */
 
 
@@ -33,6 +34,10 @@
 
 #define NGX_AQ_MAX_PARAMS         4
 #define NGX_AQ_BATCH_MAX          16
+
+/* a batch's own parameters: the claim's array of key digests, in hex */
+#define NGX_AQ_BATCH_PARAMS_LEN                                               \
+    (NGX_AQ_BATCH_MAX * (2 * NGX_AQ_DIGEST_LEN + 1) + 2)
 
 
 /* the prepared statements, see ngx_aq_sql.h */
@@ -66,6 +71,34 @@ typedef struct ngx_aq_query_s  ngx_aq_query_t;
 
 typedef void (*ngx_aq_query_handler_pt)(ngx_aq_query_t *q, PGresult *res,
     ngx_uint_t outcome);
+
+
+/*
+ * What the pool asks of a statement that has rules (the claim's:
+ * ngx_aq_claim.c); a query without rules runs alone and only once.
+ */
+
+typedef struct {
+    /* the statement that runs several queries at once */
+    ngx_aq_stmt_e             batch;
+
+    /* may q run in one statement with first */
+    ngx_uint_t              (*joins)(ngx_aq_query_t *first,
+                                     ngx_aq_query_t *q);
+
+    /* the batch statement's parameters for qs, written in buf */
+    void                    (*batch_params)(ngx_aq_query_t **qs, ngx_uint_t n,
+                                            u_char *buf, const char **values);
+
+    /* the batch's answer has the shape of n answers, a row each */
+    ngx_uint_t              (*batch_fits)(PGresult *res, ngx_uint_t n);
+
+    /* the query of row i runs again, alone */
+    ngx_uint_t              (*batch_rerun)(PGresult *res, ngx_uint_t i);
+
+    /* a failure that undid the statement and that running it again removes */
+    ngx_uint_t              (*retryable)(PGresult *res);
+} ngx_aq_rules_t;
 
 
 /* the outcomes answers are counted by: NGX_AQ_OUTCOME_*, NGX_AQ_NOUTCOMES */
@@ -124,6 +157,7 @@ struct ngx_aq_query_s {
     ngx_log_t                *log;
 
     ngx_aq_stmt_e             stmt;
+    const ngx_aq_rules_t     *rules;
     int                       row;        /* of the result, in a batch */
     const char               *values[NGX_AQ_MAX_PARAMS];
     int                       lengths[NGX_AQ_MAX_PARAMS];
@@ -160,6 +194,9 @@ typedef struct {
     /* the answer to a result row whose key was valid */
     ngx_int_t               (*respond)(ngx_http_request_t *r,
                                        ngx_aq_ctx_t *ctx, PGresult *res);
+
+    /* NULL, or how its statement batches and retries */
+    const ngx_aq_rules_t     *rules;
 } ngx_aq_action_t;
 
 
@@ -255,7 +292,7 @@ ngx_int_t ngx_aq_error_filter_init(ngx_conf_t *cf);
 ngx_int_t ngx_aq_send_error(ngx_http_request_t *r,
     const ngx_aq_error_t *err);
 
-/* ngx_aq_pool.c */
+/* ngx_aq_pool.c (with ngx_aq_conn.c, ngx_aq_conn.h) */
 ngx_int_t ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
 void ngx_aq_pool_done(ngx_aq_pool_t *pool);
 ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);

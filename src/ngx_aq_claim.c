@@ -12,13 +12,38 @@ static const ngx_aq_error_t *ngx_aq_claim_parse(ngx_http_request_t *r,
     ngx_aq_ctx_t *ctx, u_char *body, size_t len);
 static ngx_int_t ngx_aq_claim_respond(ngx_http_request_t *r,
     ngx_aq_ctx_t *ctx, PGresult *res);
+static ngx_uint_t ngx_aq_claim_joins(ngx_aq_query_t *first,
+    ngx_aq_query_t *q);
+static void ngx_aq_claim_batch_params(ngx_aq_query_t **qs, ngx_uint_t n,
+    u_char *buf, const char **values);
+static ngx_uint_t ngx_aq_claim_batch_fits(PGresult *res, ngx_uint_t n);
+static ngx_uint_t ngx_aq_claim_batch_rerun(PGresult *res, ngx_uint_t i);
+static ngx_uint_t ngx_aq_claim_retryable(PGresult *res);
+
+
+/* the claim's columns, in the single claim and the batch alike */
+#define NGX_AQ_CLAIM_KEY_OK       0
+#define NGX_AQ_CLAIM_QUEUE_OK     1
+#define NGX_AQ_CLAIM_ID           2
+#define NGX_AQ_CLAIM_COLUMNS      8
+
+
+static const ngx_aq_rules_t  ngx_aq_claim_rules = {
+    NGX_AQ_STMT_CLAIM_BATCH,
+    ngx_aq_claim_joins,
+    ngx_aq_claim_batch_params,
+    ngx_aq_claim_batch_fits,
+    ngx_aq_claim_batch_rerun,
+    ngx_aq_claim_retryable
+};
 
 
 const ngx_aq_action_t  ngx_aq_claim_action = {
     "claim",
     NGX_AQ_STMT_CLAIM,
     ngx_aq_claim_parse,
-    ngx_aq_claim_respond
+    ngx_aq_claim_respond,
+    &ngx_aq_claim_rules
 };
 
 
@@ -76,18 +101,18 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 
     row = ctx->query.row;
 
-    if (PQnfields(res) != 8) {
+    if (PQnfields(res) != NGX_AQ_CLAIM_COLUMNS) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "annotation queue: the claim returned %d columns",
                       PQnfields(res));
         return ngx_aq_send_error(r, &ngx_aq_err_internal);
     }
 
-    if (PQgetvalue(res, row, 1)[0] != 't') {
+    if (PQgetvalue(res, row, NGX_AQ_CLAIM_QUEUE_OK)[0] != 't') {
         return ngx_aq_send_error(r, &ngx_aq_err_queue_not_found);
     }
 
-    if (PQgetisnull(res, row, 2)) {
+    if (PQgetisnull(res, row, NGX_AQ_CLAIM_ID)) {
         return ngx_aq_send_error(r, &ngx_aq_err_no_items_available);
     }
 
@@ -120,4 +145,104 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     ctx->outcome = "claimed";
 
     return ngx_aq_send_json(r, NGX_HTTP_OK, body, p - body);
+}
+
+
+/*
+ * Claims of one queue and one lease run as one statement (ngx_aq_sql.h,
+ * NGX_AQ_CLAIM_BATCH_SQL), whatever their keys.
+ */
+
+static ngx_uint_t
+ngx_aq_claim_joins(ngx_aq_query_t *first, ngx_aq_query_t *q)
+{
+    return ngx_strcmp(q->values[1], first->values[1]) == 0
+           && ngx_strcmp(q->values[2], first->values[2]) == 0;
+}
+
+
+/* $1 the array of the claims' key digests, in hex; $2, $3 the first's */
+
+static void
+ngx_aq_claim_batch_params(ngx_aq_query_t **qs, ngx_uint_t n, u_char *buf,
+    const char **values)
+{
+    u_char      *p;
+    ngx_uint_t   i;
+
+    p = buf;
+    *p++ = '{';
+
+    for (i = 0; i < n; i++) {
+        if (i) {
+            *p++ = ',';
+        }
+
+        p = ngx_hex_dump(p, (u_char *) qs[i]->values[0], NGX_AQ_DIGEST_LEN);
+    }
+
+    *p++ = '}';
+    *p = '\0';
+
+    values[0] = (const char *) buf;
+    values[1] = qs[0]->values[1];
+    values[2] = qs[0]->values[2];
+}
+
+
+/* a row of the claim's columns per request, in the order of the array */
+
+static ngx_uint_t
+ngx_aq_claim_batch_fits(PGresult *res, ngx_uint_t n)
+{
+    return (ngx_uint_t) PQntuples(res) == n
+           && PQnfields(res) == NGX_AQ_CLAIM_COLUMNS;
+}
+
+
+/*
+ * A valid key in a queue of its organisation that the batch left without
+ * an item (the batch's candidates ran out, or another claim of the same
+ * key took its row): the single claim decides, alone.
+ */
+
+static ngx_uint_t
+ngx_aq_claim_batch_rerun(PGresult *res, ngx_uint_t i)
+{
+    return PQgetvalue(res, i, NGX_AQ_CLAIM_KEY_OK)[0] == 't'
+           && PQgetvalue(res, i, NGX_AQ_CLAIM_QUEUE_OK)[0] == 't'
+           && PQgetisnull(res, i, NGX_AQ_CLAIM_ID);
+}
+
+
+/*
+ * A claim that failed with one of these rolled back, so nothing of it was
+ * committed, and it failed because of another transaction at the same
+ * instant, which a claim run again does not meet:
+ *
+ *   23505  unique_violation: another claim of the same key committed first
+ *          (items_holder_idx); run again, the claim resumes that item;
+ *   40P01  deadlock_detected: two batches that share keys each waited for
+ *          the other's new holder entry;
+ *   40001  serialization_failure.
+ */
+
+static ngx_uint_t
+ngx_aq_claim_retryable(PGresult *res)
+{
+    char  *sqlstate;
+
+    if (res == NULL || PQresultStatus(res) != PGRES_FATAL_ERROR) {
+        return 0;
+    }
+
+    sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+    if (sqlstate == NULL) {
+        return 0;
+    }
+
+    return ngx_strcmp(sqlstate, "23505") == 0
+           || ngx_strcmp(sqlstate, "40P01") == 0
+           || ngx_strcmp(sqlstate, "40001") == 0;
 }

@@ -25,7 +25,8 @@ const ngx_aq_action_t  ngx_aq_extend_action = {
     "extend",
     NGX_AQ_STMT_EXTEND,
     ngx_aq_item_parse,
-    ngx_aq_item_respond
+    ngx_aq_item_respond,
+    NULL
 };
 
 
@@ -33,7 +34,8 @@ const ngx_aq_action_t  ngx_aq_release_action = {
     "release",
     NGX_AQ_STMT_RELEASE,
     ngx_aq_item_parse,
-    ngx_aq_item_respond
+    ngx_aq_item_respond,
+    NULL
 };
 
 
@@ -41,7 +43,8 @@ const ngx_aq_action_t  ngx_aq_complete_action = {
     "complete",
     NGX_AQ_STMT_COMPLETE,
     ngx_aq_item_parse,
-    ngx_aq_item_respond
+    ngx_aq_item_respond,
+    NULL
 };
 
 

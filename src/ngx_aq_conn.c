@@ -1,0 +1,950 @@
+
+/*
+ * One non-blocking PostgreSQL connection: libpq and its socket in nginx's
+ * event loop.  The pool (ngx_aq_pool.c) decides what runs where; this file
+ * only opens, sends, reads and closes, and tells the pool of each end.
+ *
+ * A connection's life: closed -> connecting (PQconnectStart and
+ * PQconnectPoll, under the connect timer) -> preparing (PQsendPrepare of
+ * every statement in one pipeline: one round trip, still under the connect
+ * timer; skipped with annotation_queue_prepare off) -> idle <-> busy (the
+ * statement sent, PQflush, PQconsumeInput, PQgetResult until its end, under
+ * the query timer).  Nothing here ever waits: every wait is an event or a
+ * timer.
+ *
+ * Events are registered level-triggered, so that data libpq left in the
+ * kernel's buffer (PQconsumeInput reads at most what fits in its buffer)
+ * always wakes the worker again; with SSL, bytes already decrypted by
+ * OpenSSL are drained before waiting.
+ *
+ * Ownership: the pool owns the PGconn and the nginx connection; PQfinish
+ * closes the socket, so nginx forgets it first.
+ */
+
+
+#include "ngx_aq_conn.h"
+#include "ngx_aq_sql.h"
+#include <openssl/ssl.h>
+#include <sys/stat.h>
+
+
+static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_connected(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_send_stmt(ngx_aq_conn_t *ac, ngx_aq_stmt_e n,
+    const char *const *values, const int *lengths, const int *formats);
+static void ngx_aq_conn_handler(ngx_event_t *ev);
+static void ngx_aq_conn_process(ngx_event_t *ev);
+static void ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_read(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_answered(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_flush(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read,
+    ngx_uint_t write);
+static ngx_int_t ngx_aq_conn_wrap_socket(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_release_socket(ngx_aq_conn_t *ac);
+
+
+/*
+ * Starts opening ac, a closed connection of its pool.  NGX_OK: on its way,
+ * the pool hears of its end (ngx_aq_pool_conn_ready() or _error());
+ * NGX_DECLINED: libpq refused at once (logged); NGX_ERROR: nginx could not
+ * watch it.  Neither of the last two counts the connection as open.
+ */
+
+ngx_int_t
+ngx_aq_conn_connect(ngx_aq_conn_t *ac)
+{
+    PGconn         *pg;
+    ngx_uint_t      n;
+    ngx_aq_pool_t  *pool;
+    const char     *keywords[5], *values[5];
+
+    pool = ac->pool;
+
+    /*
+     * Defaults the conninfo may override: it comes last.  GSSAPI encryption
+     * is not tried unless asked for: libpq's "prefer" may block in the
+     * Kerberos library before the connection starts.
+     */
+
+    n = 0;
+
+    if (pool->statement_timeout == NGX_AQ_TIMEOUT_STARTUP) {
+        keywords[n] = "options";
+        values[n++] = pool->options;
+    }
+
+    keywords[n] = "application_name";
+    values[n++] = "nginx_annotation_queue";
+    keywords[n] = "gssencmode";
+    values[n++] = "disable";
+    keywords[n] = "dbname";
+    values[n++] = (const char *) pool->conninfo.data;
+    keywords[n] = NULL;
+    values[n] = NULL;
+
+    pg = PQconnectStartParams(keywords, values, 1);
+
+    if (pg == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, pool->log, 0,
+                      "annotation queue: PQconnectStartParams() failed");
+        return NGX_ERROR;
+    }
+
+    if (PQstatus(pg) == CONNECTION_BAD) {
+        ngx_log_error(NGX_LOG_ERR, pool->log, 0,
+                      "annotation queue: could not connect to PostgreSQL: "
+                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(pg)),
+                      PQerrorMessage(pg));
+        PQfinish(pg);
+        return NGX_DECLINED;
+    }
+
+    ac->pg = pg;
+    ac->state = ngx_aq_conn_connecting;
+    ac->prepared = 0;
+    pool->st->open++;
+    pool->st->connecting++;
+
+    if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        return NGX_ERROR;
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, pool->log, 0,
+                   "annotation queue: connecting on fd:%d", ac->c->fd);
+
+    /* after PQconnectStart, wait as if PQconnectPoll asked for writing */
+
+    ac->want_read = 0;
+    ac->want_write = 1;
+
+    if (ngx_aq_conn_watch(ac, 0, 1) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        return NGX_ERROR;
+    }
+
+    ngx_add_timer(ac->c->read, pool->connect_timeout);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
+{
+    PostgresPollingStatusType  status;
+
+    status = PQconnectPoll(ac->pg);
+
+    if (status == PGRES_POLLING_FAILED) {
+        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                      "annotation queue: could not connect to PostgreSQL: "
+                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    /* libpq may have moved to another socket (host lists, SSL fallback) */
+
+    if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    switch (status) {
+
+    case PGRES_POLLING_READING:
+        ac->want_read = 1;
+        ac->want_write = 0;
+        break;
+
+    case PGRES_POLLING_WRITING:
+        ac->want_read = 0;
+        ac->want_write = 1;
+        break;
+
+    default: /* PGRES_POLLING_OK */
+
+        if (PQsetnonblocking(ac->pg, 1) != 0) {
+            ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        if (!ac->pool->prepare) {
+            ngx_aq_conn_connected(ac);
+            return;
+        }
+
+        /* the connect timer goes on: it bounds preparing too */
+
+        ngx_aq_conn_prepare(ac);
+        return;
+    }
+
+    if (ngx_aq_conn_watch(ac, ac->want_read, ac->want_write) != NGX_OK) {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+}
+
+
+/*
+ * Prepares every statement in one round trip: the Parse messages of all of
+ * them and a Sync go out together in libpq's pipeline mode, and the answers
+ * are read by ngx_aq_conn_read_prepared().
+ */
+
+static void
+ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
+{
+    ngx_uint_t            i;
+    const ngx_aq_stmt_t  *stmt;
+
+    ac->state = ngx_aq_conn_preparing;
+    ac->prepared = 0;
+
+    if (!PQenterPipelineMode(ac->pg)) {
+        goto failed;
+    }
+
+    for (i = 0; i < NGX_AQ_NSTMTS; i++) {
+        stmt = &ngx_aq_stmts[i];
+
+        if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
+                           stmt->types))
+        {
+            goto failed;
+        }
+    }
+
+    if (!PQpipelineSync(ac->pg)) {
+        goto failed;
+    }
+
+    if (ngx_aq_conn_flush(ac) != NGX_OK) {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+
+    return;
+
+failed:
+
+    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                  "annotation queue: preparing statements failed: %*s",
+                  ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+    ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+}
+
+
+/*
+ * The answers to the pipeline of ngx_aq_conn_prepare(), in order: for each
+ * statement a result and a NULL, then the Sync's PGRES_PIPELINE_SYNC.  A
+ * statement that fails makes the rest PGRES_PIPELINE_ABORTED: the first
+ * error is logged and the connection closed.
+ */
+
+static void
+ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
+{
+    ngx_uint_t       nulls;
+    PGresult        *res;
+    ExecStatusType   status;
+
+    nulls = 0;
+
+    while (!PQisBusy(ac->pg)) {
+        res = PQgetResult(ac->pg);
+
+        if (res == NULL) {
+
+            /* the end of one statement's results; never more than those */
+
+            if (++nulls > NGX_AQ_NSTMTS) {
+                break;
+            }
+
+            continue;
+        }
+
+        status = PQresultStatus(res);
+
+        if (status == PGRES_FATAL_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                          "annotation queue: preparing \"%s\" failed: %*s",
+                          ngx_aq_stmts[ngx_min(ac->prepared,
+                                               NGX_AQ_NSTMTS - 1)].name,
+                          ngx_aq_pg_error_len(PQresultErrorMessage(res)),
+                          PQresultErrorMessage(res));
+            PQclear(res);
+            ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+        PQclear(res);
+
+        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS) {
+            ac->prepared++;
+            continue;
+        }
+
+        if (status == PGRES_PIPELINE_SYNC
+            && ac->prepared == NGX_AQ_NSTMTS
+            && PQexitPipelineMode(ac->pg))
+        {
+            ngx_aq_conn_connected(ac);
+            return;
+        }
+
+        break;
+    }
+
+    if (PQisBusy(ac->pg)) {
+        return;    /* the rest of the answers is still on its way */
+    }
+
+    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                  "annotation queue: preparing \"%s\" failed: %*s",
+                  ngx_aq_stmts[ngx_min(ac->prepared, NGX_AQ_NSTMTS - 1)].name,
+                  ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+
+    ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+}
+
+
+static void
+ngx_aq_conn_connected(ngx_aq_conn_t *ac)
+{
+    if (ac->c->read->timer_set) {
+        ngx_del_timer(ac->c->read);
+    }
+
+    ac->pool->st->connecting--;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: connection ready on fd:%d", ac->c->fd);
+
+    ngx_aq_pool_conn_ready(ac);
+}
+
+
+/*
+ * Sends statement stmt on ac, an idle connection the pool took out of its
+ * idle list, and starts the query timer.  NGX_OK: the pool hears of the
+ * answer (ngx_aq_pool_conn_done() or _error());
+ * NGX_DECLINED: nothing reached PostgreSQL in full, the connection is
+ * closed, and the statement may go elsewhere.
+ */
+
+ngx_int_t
+ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_stmt_e stmt,
+    const char *const *values, const int *lengths, const int *formats)
+{
+    ac->state = ngx_aq_conn_busy;
+    ac->c->idle = 0;
+
+    /*
+     * The Sync message ends what libpq sends: if a flush fails, PostgreSQL
+     * has not received it, and the implicit transaction cannot commit.
+     */
+
+    if (ngx_aq_conn_send_stmt(ac, stmt, values, lengths, formats) != NGX_OK
+        || ngx_aq_conn_flush(ac) != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
+                      "annotation queue: sending \"%s\" failed, "
+                      "closing the connection: %*s", ngx_aq_stmts[stmt].name,
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                   "annotation queue: \"%s\" sent on fd:%d",
+                   ngx_aq_stmts[stmt].name, ac->c->fd);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Sends one statement: the prepared one, or its text as an unnamed
+ * statement (annotation_queue_prepare off).  With the statement timeout
+ * set locally, a set_config() goes before it in one pipeline: both run in
+ * the implicit transaction their Sync ends, so the setting bounds this
+ * statement alone (PostgreSQL starts each Execute's timeout afresh) and
+ * leaves the session, or a pooler's server connection, as it was.
+ */
+
+static ngx_int_t
+ngx_aq_conn_send_stmt(ngx_aq_conn_t *ac, ngx_aq_stmt_e n,
+    const char *const *values, const int *lengths, const int *formats)
+{
+    const char           *timeout;
+    ngx_aq_pool_t        *pool;
+    const ngx_aq_stmt_t  *stmt;
+
+    pool = ac->pool;
+    stmt = &ngx_aq_stmts[n];
+
+    ac->pipeline = 0;
+    ac->skip = 0;
+    ac->nulls = 0;
+
+    if (pool->statement_timeout == NGX_AQ_TIMEOUT_LOCAL) {
+        timeout = pool->timeout;
+
+        if (!PQenterPipelineMode(ac->pg)
+            || !PQsendQueryParams(ac->pg, NGX_AQ_SET_TIMEOUT_SQL, 1, NULL,
+                                  &timeout, NULL, NULL, 0))
+        {
+            return NGX_ERROR;
+        }
+
+        ac->pipeline = 1;
+        ac->skip = 1;
+    }
+
+    if (pool->prepare) {
+        if (!PQsendQueryPrepared(ac->pg, stmt->name, stmt->nparams, values,
+                                 lengths, formats, 0))
+        {
+            return NGX_ERROR;
+        }
+
+    } else {
+        if (!PQsendQueryParams(ac->pg, stmt->sql, stmt->nparams, stmt->types,
+                               values, lengths, formats, 0))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ac->pipeline && !PQpipelineSync(ac->pg)) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_aq_conn_handler(ngx_event_t *ev)
+{
+    ngx_aq_pool_t     *pool;
+    ngx_connection_t  *c;
+
+    c = ev->data;
+    pool = ((ngx_aq_conn_t *) c->data)->pool;
+
+    ngx_aq_conn_process(ev);
+
+    ngx_aq_status_publish(pool);
+}
+
+
+static void
+ngx_aq_conn_process(ngx_event_t *ev)
+{
+    ngx_connection_t  *c;
+    ngx_aq_conn_t     *ac;
+
+    c = ev->data;
+    ac = c->data;
+
+    if (c->read->timedout
+        && (ac->state == ngx_aq_conn_connecting
+            || ac->state == ngx_aq_conn_preparing))
+    {
+        ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
+                      "annotation queue: connecting to PostgreSQL "
+                      "timed out%s",
+                      ac->state == ngx_aq_conn_preparing
+                      ? " while preparing statements" : "");
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        return;
+    }
+
+    switch (ac->state) {
+
+    case ngx_aq_conn_connecting:
+
+        /* PQconnectPoll must only be called when the socket is ready */
+
+        if (ev->write ? ac->want_write : ac->want_read) {
+            ngx_aq_conn_connect_poll(ac);
+        }
+
+        return;
+
+    case ngx_aq_conn_preparing:
+    case ngx_aq_conn_busy:
+
+        if (c->read->timedout) {
+            ngx_log_error(NGX_LOG_ERR, c->log, NGX_ETIMEDOUT,
+                          "annotation queue: PostgreSQL query timed out, "
+                          "closing the connection");
+            ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_TIMEDOUT);
+            return;
+        }
+
+        if (ev->write) {
+            if (ngx_aq_conn_flush(ac) != NGX_OK) {
+                ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                              "annotation queue: sending to PostgreSQL "
+                              "failed: %*s",
+                              ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                              PQerrorMessage(ac->pg));
+                ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            }
+
+            return;
+        }
+
+        ngx_aq_conn_read(ac);
+        return;
+
+    case ngx_aq_conn_idle:
+        if (!ev->write) {
+            ngx_aq_conn_idle_handler(ac);
+        }
+
+        return;
+
+    default:
+        return;
+    }
+}
+
+
+/*
+ * An idle connection has nothing to say: anything it reads is the server
+ * going away (a FATAL message, then end of file) or a worker shutting down.
+ */
+
+static void
+ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac)
+{
+    PGresult          *res;
+    ngx_connection_t  *c;
+
+    c = ac->c;
+
+    if (c->close) {
+        ngx_aq_conn_close(ac);
+        return;
+    }
+
+    if (PQconsumeInput(ac->pg) && PQstatus(ac->pg) == CONNECTION_OK) {
+
+        while (!PQisBusy(ac->pg)) {
+            res = PQgetResult(ac->pg);
+            if (res == NULL) {
+                return;
+            }
+
+            PQclear(res);
+        }
+
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                  "annotation queue: PostgreSQL closed an idle connection: "
+                  "%*s", ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                  PQerrorMessage(ac->pg));
+
+    ngx_aq_conn_close(ac);
+}
+
+
+static void
+ngx_aq_conn_read(ngx_aq_conn_t *ac)
+{
+    SSL       *ssl;
+    PGresult  *res;
+
+    ssl = PQsslStruct(ac->pg, "OpenSSL");
+
+    do {
+        if (!PQconsumeInput(ac->pg)) {
+            ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                          "annotation queue: reading from PostgreSQL "
+                          "failed: %*s",
+                          ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                          PQerrorMessage(ac->pg));
+            ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+            return;
+        }
+
+    } while (PQisBusy(ac->pg) && ssl && SSL_pending(ssl) > 0);
+
+    if (ac->state == ngx_aq_conn_preparing) {
+        ngx_aq_conn_read_prepared(ac);
+        return;
+    }
+
+    while (!PQisBusy(ac->pg)) {
+        res = PQgetResult(ac->pg);
+
+        if (res == NULL) {
+            if (!ac->pipeline) {
+                ngx_aq_conn_answered(ac);
+                return;
+            }
+
+            /* a statement's end: two, an error at most one more */
+
+            if (++ac->nulls > 3) {
+                ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                              "annotation queue: PostgreSQL's answer "
+                              "lacks the end of its pipeline");
+                ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+                return;
+            }
+
+            continue;
+        }
+
+        if (ac->pipeline) {
+            switch (PQresultStatus(res)) {
+
+            case PGRES_PIPELINE_SYNC:
+                PQclear(res);
+
+                if (!PQexitPipelineMode(ac->pg)) {
+                    ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                                  "annotation queue: leaving pipeline "
+                                  "mode failed: %*s",
+                                  ngx_aq_pg_error_len(
+                                      PQerrorMessage(ac->pg)),
+                                  PQerrorMessage(ac->pg));
+                    ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+                    return;
+                }
+
+                ac->pipeline = 0;
+                ngx_aq_conn_answered(ac);
+                return;
+
+            case PGRES_PIPELINE_ABORTED:
+
+                /* the statement after a set_config() that failed */
+
+                PQclear(res);
+                continue;
+
+            case PGRES_TUPLES_OK:
+                if (ac->skip) {
+                    ac->skip = 0;
+                    PQclear(res);
+                    continue;
+                }
+
+                break;
+
+            default:
+                break;
+            }
+
+            ac->skip = 0;
+        }
+
+        /*
+         * The statement's rows come first; an error after them is the
+         * commit failing (a deferred constraint, a serialization failure):
+         * nothing was claimed, so the error is the answer.
+         */
+
+        if (ac->result == NULL) {
+            ac->result = res;
+
+        } else if (PQresultStatus(res) == PGRES_FATAL_ERROR
+                   && PQresultStatus(ac->result) != PGRES_FATAL_ERROR)
+        {
+            PQclear(ac->result);
+            ac->result = res;
+
+        } else {
+            PQclear(res);
+        }
+    }
+
+    /* the rest of the answer is still on its way: the read event stays */
+}
+
+
+/* every result is read: the pool has the answer */
+
+static void
+ngx_aq_conn_answered(ngx_aq_conn_t *ac)
+{
+    PGresult  *res;
+
+    res = ac->result;
+    ac->result = NULL;
+
+    if (ac->c->read->timer_set) {
+        ngx_del_timer(ac->c->read);
+    }
+
+    ngx_aq_pool_conn_done(ac, res);
+}
+
+
+/*
+ * The pool keeps ac for the next statement: it waits in the idle list,
+ * read events on (ngx_aq_conn_idle_handler()).  NGX_ERROR: closed instead.
+ */
+
+ngx_int_t
+ngx_aq_conn_park(ngx_aq_conn_t *ac)
+{
+    ac->state = ngx_aq_conn_idle;
+    ac->c->idle = 1;
+
+    ngx_queue_insert_head(&ac->pool->idle, &ac->queue);
+    ac->pool->st->idle++;
+
+    if (ngx_aq_conn_watch(ac, 1, 0) != NGX_OK) {
+        ngx_aq_conn_close(ac);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the exchange ended outside a transaction: the session can be reused */
+
+ngx_uint_t
+ngx_aq_conn_clean(ngx_aq_conn_t *ac)
+{
+    return PQtransactionStatus(ac->pg) == PQTRANS_IDLE;
+}
+
+
+static ngx_int_t
+ngx_aq_conn_flush(ngx_aq_conn_t *ac)
+{
+    int  rc;
+
+    rc = PQflush(ac->pg);
+
+    if (rc == -1) {
+        return NGX_ERROR;
+    }
+
+    /* 1: some data is still queued, wait until the socket takes more */
+
+    return ngx_aq_conn_watch(ac, 1, rc == 1);
+}
+
+
+static ngx_int_t
+ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read, ngx_uint_t write)
+{
+    ngx_event_t  *rev, *wev;
+
+    rev = ac->c->read;
+    wev = ac->c->write;
+
+    if (read && !rev->active) {
+        if (ngx_add_event(rev, NGX_READ_EVENT, NGX_LEVEL_EVENT) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (!read && rev->active) {
+        if (ngx_del_event(rev, NGX_READ_EVENT, 0) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (write && !wev->active) {
+        if (ngx_add_event(wev, NGX_WRITE_EVENT, NGX_LEVEL_EVENT) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+    } else if (!write && wev->active) {
+        if (ngx_del_event(wev, NGX_WRITE_EVENT, 0) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * Keeps ac->c wrapping the PGconn's current socket.  A socket libpq has
+ * replaced is already closed, and the kernel dropped it from the event set;
+ * the same descriptor number may come back for the new socket, so the inode
+ * tells them apart.
+ */
+
+static ngx_int_t
+ngx_aq_conn_wrap_socket(ngx_aq_conn_t *ac)
+{
+    int                fd;
+    ngx_msec_t         timer;
+    struct stat        st;
+    ngx_connection_t  *c;
+
+    fd = PQsocket(ac->pg);
+
+    if (fd == -1 || fstat(fd, &st) == -1) {
+        return NGX_ERROR;
+    }
+
+    timer = 0;
+
+    if (ac->c) {
+        if (ac->c->fd == fd && ac->ino == st.st_ino) {
+            return NGX_OK;
+        }
+
+        if (ac->c->read->timer_set) {
+            timer = ac->c->read->timer.key - ngx_current_msec;
+
+            if ((ngx_msec_int_t) timer <= 0) {
+                timer = 1;
+            }
+        }
+
+        ngx_aq_conn_release_socket(ac);
+    }
+
+    c = ngx_get_connection(fd, ac->pool->log);
+    if (c == NULL) {
+        return NGX_ERROR;
+    }
+
+    c->data = ac;
+    c->read->handler = ngx_aq_conn_handler;
+    c->write->handler = ngx_aq_conn_handler;
+    c->read->log = c->log;
+    c->write->log = c->log;
+    c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
+
+    ac->c = c;
+    ac->ino = st.st_ino;
+
+    if (timer) {
+        ngx_add_timer(c->read, timer);
+    }
+
+    return NGX_OK;
+}
+
+
+/* nginx forgets the socket; the caller lets libpq close it */
+
+static void
+ngx_aq_conn_release_socket(ngx_aq_conn_t *ac)
+{
+    ngx_connection_t  *c;
+
+    c = ac->c;
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (ngx_del_conn) {
+        ngx_del_conn(c, NGX_CLOSE_EVENT);
+
+    } else {
+        if (c->read->active || c->read->disabled) {
+            ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
+        }
+
+        if (c->write->active || c->write->disabled) {
+            ngx_del_event(c->write, NGX_WRITE_EVENT, NGX_CLOSE_EVENT);
+        }
+    }
+
+    if (c->read->posted) {
+        ngx_delete_posted_event(c->read);
+    }
+
+    if (c->write->posted) {
+        ngx_delete_posted_event(c->write);
+    }
+
+    c->fd = (ngx_socket_t) -1;
+    ngx_free_connection(c);
+
+    ac->c = NULL;
+}
+
+
+/*
+ * Closes ac in whatever state it is, out of the idle list if it was there;
+ * whoever waited for it is the caller's to tell.
+ */
+
+void
+ngx_aq_conn_close(ngx_aq_conn_t *ac)
+{
+    ngx_aq_pool_t  *pool;
+
+    pool = ac->pool;
+
+    switch (ac->state) {
+
+    case ngx_aq_conn_closed:
+        return;
+
+    case ngx_aq_conn_connecting:
+    case ngx_aq_conn_preparing:
+        pool->st->connecting--;
+        break;
+
+    case ngx_aq_conn_idle:
+        ngx_queue_remove(&ac->queue);
+        pool->st->idle--;
+        break;
+
+    default:
+        break;
+    }
+
+    if (ac->result) {
+        PQclear(ac->result);
+        ac->result = NULL;
+    }
+
+    if (ac->c) {
+        ngx_aq_conn_release_socket(ac);
+    }
+
+    PQfinish(ac->pg);
+    ac->pg = NULL;
+
+    ac->state = ngx_aq_conn_closed;
+    pool->st->open--;
+}
+
+
+/* libpq's messages end in a newline and may hold hints on further lines */
+
+size_t
+ngx_aq_pg_error_len(const char *msg)
+{
+    const char  *p;
+
+    for (p = msg; *p && *p != '\n'; p++) { /* void */ }
+
+    return p - msg;
+}
