@@ -18,7 +18,8 @@ pkgs=(build-essential nginx nginx-dev libpq-dev libjansson-dev libssl-dev
       postgresql-15 postgresql-contrib libdbd-pg-perl libjson-pp-perl
       libipc-run-perl libtext-diff-perl libtest-longstring-perl
       liblist-moreutils-perl libtest-base-perl curl
-      libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl openssl)
+      libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl openssl
+      pgbouncer)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -58,5 +59,15 @@ fi
 # project never needs it.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q nginx 2>/dev/null; then
     systemctl stop nginx || true
+fi
+
+# So does pgbouncer's (on port 6432, enabled at boot); t/160-pgbouncer.t and
+# bench/pgbouncer.sh start PgBouncers of their own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q pgbouncer 2>/dev/null; then
+    systemctl stop pgbouncer || true
+fi
+if [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null 2>&1 \
+   && systemctl is-enabled -q pgbouncer 2>/dev/null; then
+    systemctl disable -q pgbouncer 2>/dev/null || true
 fi
 exit 0
