@@ -130,6 +130,20 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       offsetof(ngx_http_annotation_queue_loc_conf_t, query_timeout),
       &ngx_http_annotation_queue_positive_msec },
 
+    { ngx_string("annotation_queue_idle_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, idle_timeout),
+      NULL },
+
+    { ngx_string("annotation_queue_max_lifetime"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, max_lifetime),
+      NULL },
+
     { ngx_string("annotation_queue_prepare"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
@@ -448,6 +462,8 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->max_waiting = NGX_CONF_UNSET_UINT;
     conf->connect_timeout = NGX_CONF_UNSET_MSEC;
     conf->query_timeout = NGX_CONF_UNSET_MSEC;
+    conf->idle_timeout = NGX_CONF_UNSET_MSEC;
+    conf->max_lifetime = NGX_CONF_UNSET_MSEC;
     conf->prepare = NGX_CONF_UNSET;
     conf->statement_timeout = NGX_CONF_UNSET_UINT;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
@@ -470,6 +486,10 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_uint_value(conf->max_waiting, prev->max_waiting, 128);
     ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout,
                               5000);
+    ngx_conf_merge_msec_value(conf->idle_timeout, prev->idle_timeout,
+                              60000);
+    ngx_conf_merge_msec_value(conf->max_lifetime, prev->max_lifetime,
+                              3600000);
     ngx_conf_merge_value(conf->prepare, prev->prepare, 1);
     ngx_conf_merge_uint_value(conf->statement_timeout,
                               prev->statement_timeout,
@@ -545,6 +565,8 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
             && pool->max_waiting == alcf->max_waiting
             && pool->connect_timeout == alcf->connect_timeout
             && pool->query_timeout == alcf->query_timeout
+            && pool->idle_timeout == alcf->idle_timeout
+            && pool->max_lifetime == alcf->max_lifetime
             && pool->prepare == alcf->prepare
             && pool->statement_timeout == alcf->statement_timeout
             && pool->conninfo.len == alcf->database.len
@@ -567,6 +589,8 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     pool->max_waiting = alcf->max_waiting;
     pool->connect_timeout = alcf->connect_timeout;
     pool->query_timeout = alcf->query_timeout;
+    pool->idle_timeout = alcf->idle_timeout;
+    pool->max_lifetime = alcf->max_lifetime;
     pool->prepare = alcf->prepare;
     pool->statement_timeout = alcf->statement_timeout;
 

@@ -124,6 +124,8 @@ struct ngx_aq_pool_s {
     ngx_uint_t                max_waiting;
     ngx_msec_t                connect_timeout;
     ngx_msec_t                query_timeout;
+    ngx_msec_t                idle_timeout;     /* 0: off */
+    ngx_msec_t                max_lifetime;     /* 0: off */
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
 
@@ -246,6 +248,8 @@ typedef struct {
     ngx_uint_t                max_waiting;
     ngx_msec_t                connect_timeout;
     ngx_msec_t                query_timeout;
+    ngx_msec_t                idle_timeout;
+    ngx_msec_t                max_lifetime;
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
     size_t                    max_body_size;

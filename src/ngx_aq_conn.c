@@ -59,14 +59,16 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
     PGconn         *pg;
     ngx_uint_t      n;
     ngx_aq_pool_t  *pool;
-    const char     *keywords[5], *values[5];
+    const char     *keywords[9], *values[9];
 
     pool = ac->pool;
 
     /*
      * Defaults the conninfo may override: it comes last.  GSSAPI encryption
      * is not tried unless asked for: libpq's "prefer" may block in the
-     * Kerberos library before the connection starts.
+     * Kerberos library before the connection starts.  TCP keepalives find
+     * a peer gone without a word (a host down, a connection a firewall
+     * forgot) in about a minute rather than the kernel's two hours.
      */
 
     n = 0;
@@ -80,6 +82,12 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
     values[n++] = "nginx_annotation_queue";
     keywords[n] = "gssencmode";
     values[n++] = "disable";
+    keywords[n] = "keepalives_idle";
+    values[n++] = "30";
+    keywords[n] = "keepalives_interval";
+    values[n++] = "10";
+    keywords[n] = "keepalives_count";
+    values[n++] = "3";
     keywords[n] = "dbname";
     values[n++] = (const char *) pool->conninfo.data;
     keywords[n] = NULL;
@@ -105,6 +113,8 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
     ac->pg = pg;
     ac->state = ngx_aq_conn_connecting;
     ac->prepared = 0;
+    ac->born = ngx_current_msec;
+    ac->used = 0;
     pool->st->open++;
     pool->st->connecting++;
 
@@ -365,6 +375,7 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_stmt_e stmt,
     }
 
     ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+    ac->used = 1;
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
                    "annotation queue: \"%s\" sent on fd:%d",
@@ -512,6 +523,16 @@ ngx_aq_conn_process(ngx_event_t *ev)
         return;
 
     case ngx_aq_conn_idle:
+        if (c->read->timedout) {
+            ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                          "annotation queue: closing a connection idle for "
+                          "%M ms, open for %M ms",
+                          ngx_current_msec - ac->idle_since,
+                          ngx_current_msec - ac->born);
+            ngx_aq_conn_close(ac);
+            return;
+        }
+
         if (!ev->write) {
             ngx_aq_conn_idle_handler(ac);
         }
@@ -701,21 +722,57 @@ ngx_aq_conn_answered(ngx_aq_conn_t *ac)
 
 /*
  * The pool keeps ac for the next statement: it waits in the idle list,
- * read events on (ngx_aq_conn_idle_handler()).  NGX_ERROR: closed instead.
+ * read events on (ngx_aq_conn_idle_handler()), until a statement takes it
+ * or its timer closes it: at annotation_queue_idle_timeout, or at the end
+ * of its annotation_queue_max_lifetime, whichever comes first.  A
+ * connection past its lifetime is closed here, between two statements,
+ * never in the middle of one.  NGX_DECLINED, NGX_ERROR: closed instead.
  */
 
 ngx_int_t
 ngx_aq_conn_park(ngx_aq_conn_t *ac)
 {
+    ngx_msec_t      timer, age, left;
+    ngx_aq_pool_t  *pool;
+
+    pool = ac->pool;
+    age = ngx_current_msec - ac->born;
+
+    /* a new connection serves once, however short its lifetime */
+
+    if (pool->max_lifetime && age >= pool->max_lifetime && ac->used) {
+        ngx_log_error(NGX_LOG_INFO, ac->c->log, 0,
+                      "annotation queue: closing a connection open for "
+                      "%M ms, past annotation_queue_max_lifetime", age);
+        ac->state = ngx_aq_conn_busy;
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
     ac->state = ngx_aq_conn_idle;
     ac->c->idle = 1;
+    ac->idle_since = ngx_current_msec;
 
-    ngx_queue_insert_head(&ac->pool->idle, &ac->queue);
-    ac->pool->st->idle++;
+    ngx_queue_insert_head(&pool->idle, &ac->queue);
+    pool->st->idle++;
 
     if (ngx_aq_conn_watch(ac, 1, 0) != NGX_OK) {
         ngx_aq_conn_close(ac);
         return NGX_ERROR;
+    }
+
+    timer = pool->idle_timeout;
+
+    if (pool->max_lifetime) {
+        left = (age < pool->max_lifetime) ? pool->max_lifetime - age : 1;
+
+        if (timer == 0 || left < timer) {
+            timer = left;
+        }
+    }
+
+    if (timer) {
+        ngx_add_timer(ac->c->read, timer);
     }
 
     return NGX_OK;

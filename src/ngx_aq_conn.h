@@ -31,6 +31,8 @@ struct ngx_aq_conn_s {
     PGconn                   *pg;
     ngx_connection_t         *c;
     ino_t                     ino;
+    ngx_msec_t                born;      /* when it was opened */
+    ngx_msec_t                idle_since;
     PGresult                 *result;
     ngx_aq_conn_state_e       state;
     ngx_uint_t                prepared;
@@ -42,6 +44,7 @@ struct ngx_aq_conn_s {
     u_char                   *params;    /* NGX_AQ_BATCH_PARAMS_LEN */
 
     unsigned                  batch:1;   /* several queries, one statement */
+    unsigned                  used:1;    /* has run a statement */
     unsigned                  pipeline:1;
     unsigned                  skip:1;    /* set_config()'s row comes first */
     unsigned                  want_read:1;

@@ -303,6 +303,7 @@ ngx_aq_pool_conn_ready(ngx_aq_conn_t *ac)
     }
 
     if (ngx_aq_conn_park(ac) != NGX_OK) {
+        /* closed: past its lifetime, or nginx could not watch it */
         ngx_aq_pool_closed(ac->pool, 0);
         return;
     }

@@ -308,6 +308,7 @@ ngx_aq_request_query(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
     q = &ctx->query;
 
     q->stmt = ctx->action->stmt;
+    q->rules = ctx->action->rules;
     q->values[0] = (const char *) ctx->digest;
     q->lengths[0] = NGX_AQ_DIGEST_LEN;
     q->formats[0] = 1;
@@ -416,14 +417,23 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         }
 
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "annotation queue: %s failed: %s %s",
-                      ctx->action->name, sqlstate, message);
+                      "annotation queue: %s failed: %s %s%s",
+                      ctx->action->name, sqlstate, message,
+                      ngx_strcmp(sqlstate, "26000") == 0
+                      ? " (behind a pooler in transaction mode, set "
+                        "\"annotation_queue_prepare off\")"
+                      : "");
 
-        /* connection exceptions, shutdowns, too many connections */
+        /*
+         * connection exceptions, shutdowns, too many connections, and a
+         * server that is (or became) a standby: the connection is closed,
+         * and the next one may reach the primary
+         */
 
         if (ngx_strncmp(sqlstate, "08", 2) == 0
             || ngx_strncmp(sqlstate, "53", 2) == 0
-            || ngx_strncmp(sqlstate, "57P", 3) == 0)
+            || ngx_strncmp(sqlstate, "57P", 3) == 0
+            || ngx_strcmp(sqlstate, "25006") == 0)
         {
             return ngx_aq_send_error(r, &ngx_aq_err_database_unavailable);
         }
