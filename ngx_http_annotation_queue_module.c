@@ -30,8 +30,6 @@ static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     ngx_http_annotation_queue_loc_conf_t *alcf);
 static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
-static void ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf,
-    PQconninfoOption *opts);
 static char *ngx_http_annotation_queue_check_positive(ngx_conf_t *cf,
     void *post, void *data);
 static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
@@ -481,6 +479,10 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_http_annotation_queue_loc_conf_t *prev = parent;
     ngx_http_annotation_queue_loc_conf_t *conf = child;
 
+    if (conf->database.data == NULL) {
+        conf->hosts = prev->hosts;
+    }
+
     ngx_conf_merge_str_value(conf->database, prev->database, "");
     ngx_conf_merge_uint_value(conf->pool_size, prev->pool_size, 8);
     ngx_conf_merge_uint_value(conf->max_waiting, prev->max_waiting, 128);
@@ -544,10 +546,25 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
 {
     ngx_uint_t                              i;
     ngx_aq_pool_t                          *pool, **pools, **pp;
+    ngx_resolver_t                         *resolver;
+    ngx_http_core_loc_conf_t               *clcf;
     ngx_http_annotation_queue_main_conf_t  *amcf;
 
     amcf = ngx_http_conf_get_module_main_conf(cf,
                                           ngx_http_annotation_queue_module);
+
+    /* host names go through nginx's resolver when one is configured */
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    resolver = NULL;
+
+    if (alcf->hosts
+        && clcf->resolver
+        && clcf->resolver->connections.nelts)
+    {
+        resolver = clcf->resolver;
+    }
 
     if (amcf->pools == NULL) {
         amcf->pools = ngx_array_create(cf->pool, 4, sizeof(ngx_aq_pool_t *));
@@ -569,6 +586,9 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
             && pool->max_lifetime == alcf->max_lifetime
             && pool->prepare == alcf->prepare
             && pool->statement_timeout == alcf->statement_timeout
+            && pool->resolver == resolver
+            && (resolver == NULL
+                || pool->resolver_timeout == clcf->resolver_timeout)
             && pool->conninfo.len == alcf->database.len
             && ngx_strncmp(pool->conninfo.data, alcf->database.data,
                            alcf->database.len)
@@ -593,6 +613,15 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     pool->max_lifetime = alcf->max_lifetime;
     pool->prepare = alcf->prepare;
     pool->statement_timeout = alcf->statement_timeout;
+    pool->hosts = alcf->hosts;
+    pool->resolver = resolver;
+    pool->resolver_timeout = clcf->resolver_timeout;
+
+    if (pool->hosts && resolver == NULL
+        && ngx_aq_hosts_resolve_now(cf, pool->hosts) != NGX_OK)
+    {
+        return NULL;
+    }
 
     pp = ngx_array_push(amcf->pools);
     if (pp == NULL) {
@@ -653,88 +682,18 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    ngx_http_annotation_queue_check_hosts(cf, opts);
+    alcf->hosts = ngx_aq_hosts_parse(cf, opts);
 
     PQconninfoFree(opts);
+
+    if (alcf->hosts == NGX_CONF_ERROR) {
+        return NGX_CONF_ERROR;
+    }
 
     alcf->database.data = p;
     alcf->database.len = value[1].len;
 
     return NGX_CONF_OK;
-}
-
-
-/*
- * libpq resolves a host name with getaddrinfo(), a blocking call, in the
- * worker, at every connect: say so when the conninfo holds one (IP
- * addresses, unix socket directories, "localhost" and any conninfo with
- * hostaddr are resolved without the network).
- */
-
-static void
-ngx_http_annotation_queue_check_hosts(ngx_conf_t *cf, PQconninfoOption *opts)
-{
-    u_char            *p, *last, *comma;
-    ngx_str_t          host;
-    PQconninfoOption  *o, *hosts;
-#if (NGX_HAVE_INET6)
-    u_char             addr6[16];
-#endif
-
-    hosts = NULL;
-
-    for (o = opts; o->keyword; o++) {
-        if (ngx_strcmp(o->keyword, "hostaddr") == 0
-            && o->val && o->val[0] != '\0')
-        {
-            return;
-        }
-
-        if (ngx_strcmp(o->keyword, "host") == 0 && o->val) {
-            hosts = o;
-        }
-    }
-
-    if (hosts == NULL) {
-        return;
-    }
-
-    p = (u_char *) hosts->val;
-    last = p + ngx_strlen(p);
-
-    while (p < last) {
-        comma = ngx_strlchr(p, last, ',');
-        if (comma == NULL) {
-            comma = last;
-        }
-
-        host.data = p;
-        host.len = comma - p;
-        p = comma + 1;
-
-        if (host.len == 0
-            || host.data[0] == '/' || host.data[0] == '@'
-            || (host.len == sizeof("localhost") - 1
-                && ngx_strncasecmp(host.data, (u_char *) "localhost",
-                                   host.len) == 0)
-            || ngx_inet_addr(host.data, host.len) != INADDR_NONE)
-        {
-            continue;
-        }
-
-#if (NGX_HAVE_INET6)
-        if (ngx_inet6_addr(host.data, host.len, addr6) == NGX_OK) {
-            continue;
-        }
-#endif
-
-        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
-                           "\"annotation_queue_database\" names host "
-                           "\"%V\": libpq resolves it with a blocking call "
-                           "in the worker at every connect; an IP address, "
-                           "\"hostaddr\" or a unix socket avoids that",
-                           &host);
-    }
 }
 
 

@@ -116,6 +116,15 @@ typedef struct {
 } ngx_aq_stats_t;
 
 
+/* a host of the conninfo (ngx_aq_resolve.c) */
+typedef struct {
+    ngx_str_t                 name;       /* a name, an address, a path */
+    ngx_str_t                 port;       /* its own, in a list of ports */
+    ngx_uint_t                resolve;    /* a name the module resolves */
+    ngx_array_t              *addrs;      /* of ngx_str_t, found at load */
+} ngx_aq_host_t;
+
+
 /* one pool of PostgreSQL connections per worker and per configuration */
 struct ngx_aq_pool_s {
     ngx_uint_t                index;
@@ -128,6 +137,9 @@ struct ngx_aq_pool_s {
     ngx_msec_t                max_lifetime;     /* 0: off */
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
+    ngx_array_t              *hosts;      /* NULL: nothing to resolve */
+    ngx_resolver_t           *resolver;   /* NULL: resolved at load */
+    ngx_msec_t                resolver_timeout;
 
     /* per worker, set up in init_process */
     ngx_aq_conn_t            *conns;
@@ -252,6 +264,7 @@ typedef struct {
     ngx_msec_t                max_lifetime;
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
+    ngx_array_t              *hosts;
     size_t                    max_body_size;
     ngx_msec_t                lease;
 
@@ -301,6 +314,10 @@ ngx_int_t ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
 void ngx_aq_pool_done(ngx_aq_pool_t *pool);
 ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 void ngx_aq_pool_cancel(ngx_aq_query_t *q);
+
+/* ngx_aq_resolve.c */
+ngx_array_t *ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts);
+ngx_int_t ngx_aq_hosts_resolve_now(ngx_conf_t *cf, ngx_array_t *hosts);
 
 /* ngx_aq_limit.c */
 ngx_int_t ngx_aq_limit_check(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);

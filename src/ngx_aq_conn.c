@@ -28,6 +28,7 @@
 #include <sys/stat.h>
 
 
+static ngx_int_t ngx_aq_conn_start(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
@@ -49,26 +50,107 @@ static void ngx_aq_conn_release_socket(ngx_aq_conn_t *ac);
 /*
  * Starts opening ac, a closed connection of its pool.  NGX_OK: on its way,
  * the pool hears of its end (ngx_aq_pool_conn_ready() or _error());
- * NGX_DECLINED: libpq refused at once (logged); NGX_ERROR: nginx could not
- * watch it.  Neither of the last two counts the connection as open.
+ * NGX_DECLINED: libpq refused at once, or no host could be had (logged);
+ * NGX_ERROR: nginx could not watch it.  Neither of the last two counts the
+ * connection as open.
  */
 
 ngx_int_t
 ngx_aq_conn_connect(ngx_aq_conn_t *ac)
 {
-    PGconn         *pg;
-    ngx_uint_t      n;
+    ngx_int_t       rc;
     ngx_aq_pool_t  *pool;
-    const char     *keywords[9], *values[9];
 
     pool = ac->pool;
 
+    ac->born = ngx_current_msec;
+    ac->used = 0;
+    ac->prepared = 0;
+    ac->host = NULL;
+    ac->hostaddr = NULL;
+    ac->port = NULL;
+
+    if (pool->hosts) {
+        rc = ngx_aq_resolve_start(ac);
+
+        if (rc == NGX_ERROR) {
+            ngx_aq_resolve_cancel(ac);
+            return NGX_DECLINED;
+        }
+
+        if (rc == NGX_AGAIN) {
+            ac->state = ngx_aq_conn_resolving;
+            pool->st->open++;
+            pool->st->connecting++;
+
+            ngx_log_debug0(NGX_LOG_DEBUG_HTTP, pool->log, 0,
+                           "annotation queue: resolving the hosts");
+            return NGX_OK;
+        }
+    }
+
+    rc = ngx_aq_conn_start(ac);
+
+    if (rc != NGX_OK) {
+        ngx_aq_conn_close(ac);
+    }
+
+    return rc;
+}
+
+
+/* the resolver found the hosts' addresses (NGX_OK) or did not */
+
+void
+ngx_aq_conn_resolved(ngx_aq_conn_t *ac, ngx_int_t rc)
+{
+    ngx_aq_pool_t  *pool;
+
+    pool = ac->pool;
+
+    if (rc == NGX_OK) {
+        rc = ngx_aq_conn_start(ac);
+    }
+
+    if (rc != NGX_OK) {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+
+    ngx_aq_status_publish(pool);
+}
+
+
+/*
+ * libpq starts connecting.  On an error, ac is left counted as open and
+ * connecting, for the caller to close.
+ */
+
+static ngx_int_t
+ngx_aq_conn_start(ngx_aq_conn_t *ac)
+{
+    PGconn         *pg;
+    ngx_uint_t      n;
+    ngx_msec_t      spent;
+    ngx_aq_pool_t  *pool;
+    const char     *keywords[12], *values[12];
+
+    pool = ac->pool;
+
+    if (ac->state == ngx_aq_conn_closed) {
+        pool->st->open++;
+        pool->st->connecting++;
+    }
+
+    ac->state = ngx_aq_conn_connecting;
+
     /*
-     * Defaults the conninfo may override: it comes last.  GSSAPI encryption
-     * is not tried unless asked for: libpq's "prefer" may block in the
-     * Kerberos library before the connection starts.  TCP keepalives find
-     * a peer gone without a word (a host down, a connection a firewall
-     * forgot) in about a minute rather than the kernel's two hours.
+     * Defaults the conninfo may override: it comes after them.  GSSAPI
+     * encryption is not tried unless asked for: libpq's "prefer" may block
+     * in the Kerberos library before the connection starts.  TCP
+     * keepalives find a peer gone without a word (a host down, a
+     * connection a firewall forgot) in about a minute rather than the
+     * kernel's two hours.  The host lists of ngx_aq_resolve.c come last:
+     * they replace the conninfo's.
      */
 
     n = 0;
@@ -90,6 +172,19 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
     values[n++] = "3";
     keywords[n] = "dbname";
     values[n++] = (const char *) pool->conninfo.data;
+
+    if (ac->host) {
+        keywords[n] = "host";
+        values[n++] = ac->host;
+        keywords[n] = "hostaddr";
+        values[n++] = ac->hostaddr;
+
+        if (ac->port) {
+            keywords[n] = "port";
+            values[n++] = ac->port;
+        }
+    }
+
     keywords[n] = NULL;
     values[n] = NULL;
 
@@ -101,25 +196,17 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
         return NGX_ERROR;
     }
 
+    ac->pg = pg;
+
     if (PQstatus(pg) == CONNECTION_BAD) {
         ngx_log_error(NGX_LOG_ERR, pool->log, 0,
                       "annotation queue: could not connect to PostgreSQL: "
                       "%*s", ngx_aq_pg_error_len(PQerrorMessage(pg)),
                       PQerrorMessage(pg));
-        PQfinish(pg);
         return NGX_DECLINED;
     }
 
-    ac->pg = pg;
-    ac->state = ngx_aq_conn_connecting;
-    ac->prepared = 0;
-    ac->born = ngx_current_msec;
-    ac->used = 0;
-    pool->st->open++;
-    pool->st->connecting++;
-
     if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
-        ngx_aq_conn_close(ac);
         return NGX_ERROR;
     }
 
@@ -132,11 +219,15 @@ ngx_aq_conn_connect(ngx_aq_conn_t *ac)
     ac->want_write = 1;
 
     if (ngx_aq_conn_watch(ac, 0, 1) != NGX_OK) {
-        ngx_aq_conn_close(ac);
         return NGX_ERROR;
     }
 
-    ngx_add_timer(ac->c->read, pool->connect_timeout);
+    /* resolving the hosts came out of the same connect timeout */
+
+    spent = ngx_current_msec - ac->born;
+
+    ngx_add_timer(ac->c->read, pool->connect_timeout > spent
+                               ? pool->connect_timeout - spent : 1);
 
     return NGX_OK;
 }
@@ -963,6 +1054,7 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
     case ngx_aq_conn_closed:
         return;
 
+    case ngx_aq_conn_resolving:
     case ngx_aq_conn_connecting:
     case ngx_aq_conn_preparing:
         pool->st->connecting--;
@@ -977,6 +1069,8 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
         break;
     }
 
+    ngx_aq_resolve_cancel(ac);
+
     if (ac->result) {
         PQclear(ac->result);
         ac->result = NULL;
@@ -986,8 +1080,10 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
         ngx_aq_conn_release_socket(ac);
     }
 
-    PQfinish(ac->pg);
-    ac->pg = NULL;
+    if (ac->pg) {
+        PQfinish(ac->pg);
+        ac->pg = NULL;
+    }
 
     ac->state = ngx_aq_conn_closed;
     pool->st->open--;

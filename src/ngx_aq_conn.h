@@ -18,6 +18,7 @@
 
 typedef enum {
     ngx_aq_conn_closed = 0,
+    ngx_aq_conn_resolving,
     ngx_aq_conn_connecting,
     ngx_aq_conn_preparing,
     ngx_aq_conn_idle,
@@ -38,6 +39,17 @@ struct ngx_aq_conn_s {
     ngx_uint_t                prepared;
     ngx_uint_t                nulls;     /* ends of statements, pipelined */
 
+    /* ngx_aq_resolve.c: this connect's host lists for libpq */
+    ngx_pool_t               *tmp;
+    ngx_array_t             **found;     /* the addresses of each host */
+    ngx_uint_t                next_host;
+    ngx_resolver_ctx_t       *resolving;
+    ngx_event_t               resolved;
+    ngx_int_t                 resolve_rc;
+    char                     *host;
+    char                     *hostaddr;
+    char                     *port;
+
     /* the pool's: the queries the statement sent answers, by row */
     ngx_aq_query_t           *queries[NGX_AQ_BATCH_MAX];
     ngx_uint_t                nqueries;
@@ -54,12 +66,17 @@ struct ngx_aq_conn_s {
 
 /* ngx_aq_conn.c */
 ngx_int_t ngx_aq_conn_connect(ngx_aq_conn_t *ac);
+void ngx_aq_conn_resolved(ngx_aq_conn_t *ac, ngx_int_t rc);
 ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_stmt_e stmt,
     const char *const *values, const int *lengths, const int *formats);
 ngx_int_t ngx_aq_conn_park(ngx_aq_conn_t *ac);
 ngx_uint_t ngx_aq_conn_clean(ngx_aq_conn_t *ac);
 void ngx_aq_conn_close(ngx_aq_conn_t *ac);
 size_t ngx_aq_pg_error_len(const char *msg);
+
+/* ngx_aq_resolve.c */
+ngx_int_t ngx_aq_resolve_start(ngx_aq_conn_t *ac);
+void ngx_aq_resolve_cancel(ngx_aq_conn_t *ac);
 
 /* ngx_aq_pool.c: what a connection tells its pool */
 void ngx_aq_pool_conn_ready(ngx_aq_conn_t *ac);

@@ -509,7 +509,8 @@ ngx_aq_pool_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome)
     ngx_aq_query_t  *qs[NGX_AQ_BATCH_MAX];
 
     pool = ac->pool;
-    connecting = (ac->state == ngx_aq_conn_connecting
+    connecting = (ac->state == ngx_aq_conn_resolving
+                  || ac->state == ngx_aq_conn_connecting
                   || ac->state == ngx_aq_conn_preparing);
 
     n = ac->nqueries;
