@@ -196,6 +196,7 @@
     "           attempts = i.attempts + 1 "                                   \
     "      FROM cand, k, q "                                                  \
     "     WHERE i.id = cand.id AND i.version = cand.version "                 \
+    "       AND i.queue_id = $2 "                                             \
     "    RETURNING i.id, i.queue_id, i.payload, i.version, i.claimed_at, "    \
     "              i.lease_expires_at "                                       \
     "), r AS ( "                                                              \
@@ -318,6 +319,7 @@
     "           attempts = i.attempts + 1 "                                   \
     "      FROM cand JOIN need USING (n), q "                                 \
     "     WHERE i.id = cand.id AND i.version = cand.version "                 \
+    "       AND i.queue_id = $2 "                                             \
     "    RETURNING i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "     \
     "              i.version, "                                               \
     "              i.claimed_at, i.lease_expires_at "                         \

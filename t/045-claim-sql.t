@@ -275,6 +275,39 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
     }
 }
 
+# --- routable by queue: every items scan states the queue id -----------------
+#
+# With items distributed by queue_id (Citus), a statement runs on one shard
+# only when every scan of items names the queue: an index condition or a
+# filter on queue_id, the id lookups (items_pkey) and the update included.
+for my $mode (qw(force_generic_plan force_custom_plan)) {
+    $dbh->do("SET plan_cache_mode = $mode");
+    for my $stmt (@plan_stmts) {
+        my $name = $stmt->[0];
+        my $lines = $dbh->selectcol_arrayref("EXPLAIN (COSTS OFF) $stmt->[1]", undef,
+                                             plan_arg($stmt), $plan_q);
+        my (@scans, $cur);
+        for my $l (@$lines) {
+            if ($l =~ /(?:Seq Scan on items|Index (?:Only )?Scan using (items_\w+))/) {
+                $cur = { scan => $1 // 'seq scan', conds => '' };
+                push @scans, $cur;
+                next;
+            }
+            if ($cur && $l =~ /^\s+(?:Index Cond|Filter|Recheck Cond): (.*)/) {
+                $cur->{conds} .= " $1";
+            } elsif ($l !~ /^\s+(?:Index Cond|Filter|Recheck Cond|Heap Fetches)/) {
+                $cur = undef;
+            }
+        }
+        my @unrouted = map { "$_->{scan}:$_->{conds}" } grep { $_->{conds} !~ /queue_id = / } @scans;
+        cmp_ok(scalar @scans, '>=', 5, "$name claim, $mode: the plan's items scans are seen")
+            or diag join "\n", @$lines;
+        is_deeply(\@unrouted, [], "$name claim, $mode: every items scan states the queue id "
+                                  . '(a single-shard statement under Citus)')
+            or diag join "\n", @$lines;
+    }
+}
+
 # --- cost: bounded whatever the queue's state --------------------------------
 #
 # A queue in a state real queues reach: 50,000 live claims at priorities 1
