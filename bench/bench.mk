@@ -16,8 +16,13 @@
 # make bench-profile: where the claim statement's database time goes,
 # against the minimal claim: pgbench rounds with pg_stat_statements, cut
 # variants of the statement, EXPLAIN ANALYZE per CTE (bench/profile.sh).
+#
+# make bench-pgbouncer: claims through PgBouncer 1.18 (session and
+# transaction modes) against direct connections (defaults, prepare off,
+# statement_timeout local) at 8 and 64 connections (bench/pgbouncer.sh;
+# BENCH_QUICK=1 for a short try).
 
-.PHONY: bench bench-flat bench-dirty bench-profile
+.PHONY: bench bench-flat bench-dirty bench-profile bench-pgbouncer
 
 bench: deps $(MODULE)
 	@MODULE=$(MODULE) bench/run.sh
@@ -30,3 +35,6 @@ bench-dirty: deps $(MODULE)
 
 bench-profile: deps $(MODULE)
 	@MODULE=$(MODULE) bench/profile.sh
+
+bench-pgbouncer: deps $(MODULE)
+	@MODULE=$(MODULE) bench/pgbouncer.sh

@@ -293,9 +293,11 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 
 
 /*
- * Prepares every statement in one round trip: the Parse messages of all of
- * them and a Sync go out together in libpq's pipeline mode, and the answers
- * are read by ngx_aq_conn_read_prepared().
+ * Prepares every statement in one round trip: a DEALLOCATE ALL (a pooler
+ * in session mode without a reset query hands a server session that may
+ * hold the statements of a connection before), the Parse messages of all
+ * of them and a Sync go out together in libpq's pipeline mode, and the
+ * answers are read by ngx_aq_conn_read_prepared().
  */
 
 static void
@@ -308,6 +310,12 @@ ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
     ac->prepared = 0;
 
     if (!PQenterPipelineMode(ac->pg)) {
+        goto failed;
+    }
+
+    if (!PQsendQueryParams(ac->pg, "DEALLOCATE ALL", 0, NULL, NULL, NULL,
+                           NULL, 0))
+    {
         goto failed;
     }
 
@@ -342,11 +350,17 @@ failed:
 
 
 /*
- * The answers to the pipeline of ngx_aq_conn_prepare(), in order: for each
- * statement a result and a NULL, then the Sync's PGRES_PIPELINE_SYNC.  A
- * statement that fails makes the rest PGRES_PIPELINE_ABORTED: the first
- * error is logged and the connection closed.
+ * The answers to the pipeline of ngx_aq_conn_prepare(), in order: for the
+ * DEALLOCATE and each statement a result and a NULL, then the Sync's
+ * PGRES_PIPELINE_SYNC.  A statement that fails makes the rest
+ * PGRES_PIPELINE_ABORTED: the first error is logged and the connection
+ * closed.  ac->prepared counts the results, the DEALLOCATE's first.
  */
+
+#define ngx_aq_conn_preparing_name(ac)                                        \
+    ((ac)->prepared == 0 ? "DEALLOCATE ALL"                                   \
+     : ngx_aq_stmts[ngx_min((ac)->prepared - 1, NGX_AQ_NSTMTS - 1)].name)
+
 
 static void
 ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
@@ -364,7 +378,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
             /* the end of one statement's results; never more than those */
 
-            if (++nulls > NGX_AQ_NSTMTS) {
+            if (++nulls > NGX_AQ_NSTMTS + 1) {
                 break;
             }
 
@@ -376,8 +390,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
         if (status == PGRES_FATAL_ERROR) {
             ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
                           "annotation queue: preparing \"%s\" failed: %*s",
-                          ngx_aq_stmts[ngx_min(ac->prepared,
-                                               NGX_AQ_NSTMTS - 1)].name,
+                          ngx_aq_conn_preparing_name(ac),
                           ngx_aq_pg_error_len(PQresultErrorMessage(res)),
                           PQresultErrorMessage(res));
             PQclear(res);
@@ -387,13 +400,13 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
         PQclear(res);
 
-        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS) {
+        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS + 1) {
             ac->prepared++;
             continue;
         }
 
         if (status == PGRES_PIPELINE_SYNC
-            && ac->prepared == NGX_AQ_NSTMTS
+            && ac->prepared == NGX_AQ_NSTMTS + 1
             && PQexitPipelineMode(ac->pg))
         {
             ngx_aq_conn_connected(ac);
@@ -409,7 +422,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
     ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
                   "annotation queue: preparing \"%s\" failed: %*s",
-                  ngx_aq_stmts[ngx_min(ac->prepared, NGX_AQ_NSTMTS - 1)].name,
+                  ngx_aq_conn_preparing_name(ac),
                   ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
                   PQerrorMessage(ac->pg));
 

@@ -425,15 +425,17 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
                       : "");
 
         /*
-         * connection exceptions, shutdowns, too many connections, and a
-         * server that is (or became) a standby: the connection is closed,
-         * and the next one may reach the primary
+         * connection exceptions, shutdowns, too many connections, a server
+         * that is (or became) a standby, and a session without the
+         * module's statements (a pooler that lent another one): nothing
+         * ran, the connection is closed, and the next one may do
          */
 
         if (ngx_strncmp(sqlstate, "08", 2) == 0
             || ngx_strncmp(sqlstate, "53", 2) == 0
             || ngx_strncmp(sqlstate, "57P", 3) == 0
-            || ngx_strcmp(sqlstate, "25006") == 0)
+            || ngx_strcmp(sqlstate, "25006") == 0
+            || ngx_strcmp(sqlstate, "26000") == 0)
         {
             return ngx_aq_send_error(r, &ngx_aq_err_database_unavailable);
         }

@@ -46,7 +46,7 @@
 #     transaction; when a later claim lands on another one (forced here
 #     with the console's RECONNECT, so that it happens every time) it fails
 #     with 26000 "prepared statement does not exist": the module answers
-#     500 internal_error, drops the connection, and the next claim, on a
+#     503 database_unavailable, drops the connection, and the next claim, on a
 #     new connection that prepares again, answers 200.
 #
 # Then Test::Nginx blocks in both modes: claim 200, extend, complete, 409
@@ -629,6 +629,34 @@ for my $mode (qw(session transaction)) {
     $pgb->stop;
 }
 
+# Session mode without a reset query (server_reset_query empty): a new
+# client connection gets the server session of the one before, with the
+# module's statements still prepared there.  The module clears them first
+# (DEALLOCATE ALL), or every connection after the first would fail to
+# prepare ("already exists").
+{
+    my $what = 'session mode, empty server_reset_query';
+    my $pgb = AQ::PgBouncer->start(pool_mode => 'session', pool_size => 1,
+                                   settings => { server_reset_query => '' });
+    my $queue = AQ::queue($org, 'session-no-reset');
+    AQ::enqueue_many($queue, 10);
+    my @out;
+    for my $n (1 .. 3) {
+        my $ngx = nginx_via($pgb, pool => 1);
+        push @out, (claim($ngx, $queue, key_of("no-reset-$n")))[0];
+        $ngx->stop;
+        is_deeply(log_errors($ngx), [],
+                  "$what: nginx $n: no error in the error log (nothing 'already exists')");
+        ok(AQ::Faults::wait_until(5, sub { ($pgb->pool->{cl_active} // 0) == 0 }),
+           "$what: nginx ${n}'s connection is back in PgBouncer");
+    }
+    is_deeply(\@out, [('200 item') x 3],
+              "$what: three nginx one after the other, each on the same server session: "
+              . 'every claim answers 200');
+    is(scalar @{ $pgb->admin('SHOW SERVERS') }, 1, "$what: ... PgBouncer kept one server session");
+    $pgb->stop;
+}
+
 # ---------------------------------------------------------------------------
 # Transaction mode with annotation_queue_prepare on: unsupported, and this
 # is why.  One nginx connection; RECONNECT makes PgBouncer close its server
@@ -649,9 +677,9 @@ for my $mode (qw(session transaction)) {
     ok(AQ::Faults::wait_until(5, sub { @{ $pgb->admin('SHOW SERVERS') } == 0 }),
        "$what: RECONNECT closed PgBouncer's server connections");
     my ($out, undef, $body) = claim($ngx, $queue, key_of('prep-3'));
-    is($out, '500 internal_error',
+    is($out, '503 database_unavailable',
        "$what: a claim lent a server connection that never prepared the statement: "
-       . '500 internal_error') or diag $body;
+       . '503 database_unavailable (nothing ran; a retry may land well)') or diag $body;
     like($ngx->error_log,
          qr/\[error\] .*annotation queue: claim failed: 26000 prepared statement "ngx_aq_claim" does not exist \(behind a pooler in transaction mode, set "annotation_queue_prepare off"\)/,
          "$what: ... the error log says 26000 prepared statement does not exist, and what to set");
