@@ -1,6 +1,8 @@
 # Connections the pool keeps idle, and how long it keeps them
 # (annotation_queue_idle_timeout, annotation_queue_max_lifetime):
 #
+#   - The pool's connections send TCP keepalives after 30 s of silence
+#     (ss shows the kernel's keepalive timer on the worker's socket).
 #   - An idle connection is closed at the idle timeout: its backend goes
 #     away, the status page shows no connection open, and the next claim
 #     opens a new one and answers 200.
@@ -66,6 +68,15 @@ _EOC_
     is($out, '200 item', "$what: a first claim opens the pool's one connection");
     my $first = backend_pids();
     is(scalar @$first, 1, "$what: ... one backend");
+
+    # TCP keepalives on the pool's connection: the kernel probes an idle
+    # peer after 30 s (keepalives_idle), not after its default two hours
+    my @ss = grep { /"nginx"/ }
+             `ss -tnpo state established '( dport = :$AQ::PG{port} )' 2>&1`;
+    is(scalar @ss, 1, "$what: ss sees the worker's one connection to PostgreSQL")
+        or diag @ss;
+    like($ss[0] // '', qr/timer:\(keepalive,(?:[0-2]?\d(?:\.\d+)?|30)sec/,
+         "$what: ... with TCP keepalives, the first probe within 30 s") or diag @ss;
 
     ok(AQ::Faults::wait_until(5, sub { open_conns($ngx) == 0 }),
        "$what: idle for the idle timeout (1 s), the connection is closed: none open "
