@@ -2,7 +2,9 @@ package AQ::PgBouncer;
 
 # A real PgBouncer (/usr/sbin/pgbouncer, Debian bookworm's 1.18) in front of
 # the suite's PostgreSQL (the cluster AQ.pm set up: %AQ::PG), for
-# t/160-pgbouncer.t:
+# t/160-pgbouncer.t; another build (scripts/build-pgbouncer.sh: trixie's
+# 1.24, for t/manual/pgbouncer-prepared.t) with AQ_PGBOUNCER=/path or
+# start(binary => /path):
 #
 #   use AQ;                  # first: the suite's database and cluster
 #   use AQ::PgBouncer;
@@ -12,6 +14,8 @@ package AQ::PgBouncer;
 #   $pgb->pause; $pgb->resume;       # PAUSE / RESUME on the admin console
 #   $pgb->kill; $pgb->start_again;   # a crash (SIGKILL), then the same port
 #   $pgb->session;                   # a DBI session through it
+#   $pgb->version;                   # "1.18.0" (pgbouncer --version)
+#   $pgb->stats->{total_bind_count}; # SHOW STATS, the suite's database
 #
 # start() writes a configuration in a temporary directory of its own and
 # runs pgbouncer in the foreground (not -d), as the postgres user when we
@@ -23,6 +27,8 @@ package AQ::PgBouncer;
 #               user
 #   settings    { name => value }: more [pgbouncer] settings, or overrides
 #               of the defaults below
+#   binary      the pgbouncer to run ($AQ::PgBouncer::BINARY: AQ_PGBOUNCER
+#               or /usr/sbin/pgbouncer)
 #
 # Every database name goes to the suite's cluster ("* = host= port=");
 # auth_type trust with an auth_file naming the cluster's user (trust still
@@ -51,7 +57,8 @@ my $OWNER_PID = $$;
 my @instances;
 my $seq = 0;
 
-die "AQ::PgBouncer: $BINARY is missing: scripts/install-deps.sh installs pgbouncer\n"
+die "AQ::PgBouncer: $BINARY is missing: scripts/install-deps.sh installs pgbouncer"
+    . ($ENV{AQ_PGBOUNCER} ? ', scripts/build-pgbouncer.sh builds a newer one' : '') . "\n"
     unless -x $BINARY;
 
 sub slow { return defined &AQ::slow ? AQ::slow() : 1 }
@@ -73,7 +80,9 @@ sub start {
         settings => { %{ $o{settings} || {} } },
         port     => $o{port} // AQ::free_port(),
         n        => ++$seq,
+        binary   => $o{binary} // $BINARY,
     }, $class;
+    die "AQ::PgBouncer: $self->{binary} is missing\n" unless -x $self->{binary};
     $self->{dir} = tempdir('aq-pgbouncer-XXXXXX', TMPDIR => 1, CLEANUP => 0);
     chmod 0711, $self->{dir};
     if (my ($uid, $gid) = run_as()) {
@@ -92,6 +101,16 @@ sub mode     { $_[0]{mode} }
 sub pid      { $_[0]{pid} }
 sub log_file { "$_[0]{dir}/pgbouncer.log" }
 sub log_text { return _slurp($_[0]->log_file) }
+sub binary   { $_[0]{binary} }
+
+# The version the binary says it is ("1.24.1"), or '' (no instance needed:
+# AQ::PgBouncer->version, or version(binary => $path)).
+sub version {
+    my ($self, %o) = @_;
+    my $bin = $o{binary} // (ref $self ? $self->{binary} : $BINARY);
+    my $out = `"$bin" --version 2>/dev/null` // '';
+    return $out =~ /^PgBouncer (\S+)/ ? $1 : '';
+}
 
 # The conninfo of the suite's database through this PgBouncer (for nginx's
 # annotation_queue_database, or anything libpq).
@@ -156,7 +175,7 @@ sub start_again {
             POSIX::setgid($gid) or POSIX::_exit(126);
             POSIX::setuid($uid) or POSIX::_exit(126);
         }
-        { exec $BINARY, "$d/pgbouncer.ini" }
+        { exec $self->{binary}, "$d/pgbouncer.ini" }
         POSIX::_exit(127);
     }
     $self->{pid} = $pid;
@@ -253,6 +272,21 @@ sub pool {
     }
     return { database => $db, map { $_ => 0 }
              qw(cl_active cl_waiting sv_active sv_idle sv_used sv_tested sv_login) };
+}
+
+# The SHOW STATS row of a database (the suite's by default), or {} when
+# PgBouncer has none for it yet.  The total_* columns are counted as
+# things happen; from 1.21 on they include total_client_parse_count,
+# total_server_parse_count and total_bind_count (named prepared
+# statements: what clients parsed, what PgBouncer had to prepare on its
+# server connections, what was bound).
+sub stats {
+    my ($self, $db) = @_;
+    $db //= $AQ::DB;
+    for my $r (@{ $self->admin('SHOW STATS') }) {
+        return $r if $r->{database} eq $db;
+    }
+    return {};
 }
 
 # PAUSE (waits until every server connection is released: in transaction
