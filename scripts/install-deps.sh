@@ -19,7 +19,7 @@ pkgs=(build-essential nginx nginx-dev libpq-dev libjansson-dev libssl-dev
       libipc-run-perl libtext-diff-perl libtest-longstring-perl
       liblist-moreutils-perl libtest-base-perl curl
       libjson-validator-perl libmojolicious-perl libyaml-libyaml-perl openssl
-      pgbouncer)
+      pgbouncer nghttp2-client libprotocol-http2-perl libio-socket-ssl-perl)
 
 missing=()
 for p in "${pkgs[@]}"; do
