@@ -481,6 +481,7 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
     if (conf->database.data == NULL) {
         conf->hosts = prev->hosts;
+        conf->host_timeout = prev->host_timeout;
     }
 
     ngx_conf_merge_str_value(conf->database, prev->database, "");
@@ -614,6 +615,7 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     pool->prepare = alcf->prepare;
     pool->statement_timeout = alcf->statement_timeout;
     pool->hosts = alcf->hosts;
+    pool->host_timeout = alcf->host_timeout;
     pool->resolver = resolver;
     pool->resolver_timeout = clcf->resolver_timeout;
 
@@ -682,7 +684,7 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    alcf->hosts = ngx_aq_hosts_parse(cf, opts);
+    alcf->hosts = ngx_aq_hosts_parse(cf, opts, &alcf->host_timeout);
 
     PQconninfoFree(opts);
 

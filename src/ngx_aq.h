@@ -125,6 +125,14 @@ typedef struct {
 } ngx_aq_host_t;
 
 
+/* an entry of libpq's host lists: a host, its address, its port */
+typedef struct {
+    ngx_str_t                 host;
+    ngx_str_t                 addr;       /* empty: libpq uses the host */
+    ngx_str_t                 port;       /* empty: the conninfo's port */
+} ngx_aq_entry_t;
+
+
 /* one pool of PostgreSQL connections per worker and per configuration */
 struct ngx_aq_pool_s {
     ngx_uint_t                index;
@@ -137,7 +145,8 @@ struct ngx_aq_pool_s {
     ngx_msec_t                max_lifetime;     /* 0: off */
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
-    ngx_array_t              *hosts;      /* NULL: nothing to resolve */
+    ngx_array_t              *hosts;      /* NULL: all left to libpq */
+    ngx_msec_t                host_timeout;  /* conninfo's connect_timeout */
     ngx_resolver_t           *resolver;   /* NULL: resolved at load */
     ngx_msec_t                resolver_timeout;
 
@@ -265,6 +274,7 @@ typedef struct {
     ngx_flag_t                prepare;
     ngx_uint_t                statement_timeout;
     ngx_array_t              *hosts;
+    ngx_msec_t                host_timeout;
     size_t                    max_body_size;
     ngx_msec_t                lease;
 
@@ -316,7 +326,8 @@ ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 void ngx_aq_pool_cancel(ngx_aq_query_t *q);
 
 /* ngx_aq_resolve.c */
-ngx_array_t *ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts);
+ngx_array_t *ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts,
+    ngx_msec_t *host_timeout);
 ngx_int_t ngx_aq_hosts_resolve_now(ngx_conf_t *cf, ngx_array_t *hosts);
 
 /* ngx_aq_limit.c */

@@ -29,6 +29,8 @@
 
 
 static ngx_int_t ngx_aq_conn_start(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_host_timer(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_host_timeout(ngx_event_t *ev);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
@@ -45,6 +47,7 @@ static ngx_int_t ngx_aq_conn_watch(ngx_aq_conn_t *ac, ngx_uint_t read,
     ngx_uint_t write);
 static ngx_int_t ngx_aq_conn_wrap_socket(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_release_socket(ngx_aq_conn_t *ac);
+static void ngx_aq_conn_log_failure(ngx_aq_conn_t *ac, ngx_log_t *log);
 
 
 /*
@@ -199,10 +202,7 @@ ngx_aq_conn_start(ngx_aq_conn_t *ac)
     ac->pg = pg;
 
     if (PQstatus(pg) == CONNECTION_BAD) {
-        ngx_log_error(NGX_LOG_ERR, pool->log, 0,
-                      "annotation queue: could not connect to PostgreSQL: "
-                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(pg)),
-                      PQerrorMessage(pg));
+        ngx_aq_conn_log_failure(ac, pool->log);
         return NGX_DECLINED;
     }
 
@@ -229,31 +229,117 @@ ngx_aq_conn_start(ngx_aq_conn_t *ac)
     ngx_add_timer(ac->c->read, pool->connect_timeout > spent
                                ? pool->connect_timeout - spent : 1);
 
+    ngx_aq_conn_host_timer(ac);
+
     return NGX_OK;
+}
+
+
+/*
+ * The conninfo's connect_timeout, host by host, as libpq applies it when it
+ * connects blocking: while a list's host has not answered in that time,
+ * the attempt goes on with the hosts after it (a host that drops packets
+ * would otherwise hold every connect until the connect timeout).  Armed
+ * when the attempt starts and whenever libpq moves to another socket.
+ */
+
+static void
+ngx_aq_conn_host_timer(ngx_aq_conn_t *ac)
+{
+    if (ac->pool->host_timeout == 0
+        || ac->entries == NULL
+        || ac->from + 1 >= ac->entries->nelts)
+    {
+        return;
+    }
+
+    ac->host_timer.handler = ngx_aq_conn_host_timeout;
+    ac->host_timer.data = ac;
+    ac->host_timer.log = ac->pool->log;
+
+    ngx_add_timer(&ac->host_timer, ac->pool->host_timeout);
+}
+
+
+static void
+ngx_aq_conn_host_timeout(ngx_event_t *ev)
+{
+    ngx_uint_t       i;
+    ngx_aq_conn_t   *ac;
+    ngx_aq_pool_t   *pool;
+    ngx_aq_entry_t  *e;
+
+    ac = ev->data;
+    pool = ac->pool;
+
+    if (ac->state != ngx_aq_conn_connecting) {
+        return;
+    }
+
+    i = ngx_aq_hosts_current(ac);
+    e = ac->entries->elts;
+
+    ngx_log_error(NGX_LOG_WARN, pool->log, 0,
+                  "annotation queue: host \"%V\"%s%V%s port \"%s\" did not "
+                  "answer within connect_timeout (%M ms)%s",
+                  &e[i].host, e[i].addr.len ? " (" : "", &e[i].addr,
+                  e[i].addr.len ? ")" : "", PQport(ac->pg),
+                  pool->host_timeout,
+                  i + 1 < ac->entries->nelts ? ", trying the next host" : "");
+
+    if (i + 1 >= ac->entries->nelts) {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+        ngx_aq_status_publish(pool);
+        return;
+    }
+
+    /* libpq cannot be told to skip a host: a new attempt, on the rest */
+
+    if (ac->c) {
+        ngx_aq_conn_release_socket(ac);
+    }
+
+    PQfinish(ac->pg);
+    ac->pg = NULL;
+
+    if (ngx_aq_hosts_lists(ac, i + 1) != NGX_OK
+        || ngx_aq_conn_start(ac) != NGX_OK)
+    {
+        ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+    }
+
+    ngx_aq_status_publish(pool);
 }
 
 
 static void
 ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 {
+    ino_t                      ino;
+    ngx_socket_t               fd;
     PostgresPollingStatusType  status;
 
     status = PQconnectPoll(ac->pg);
 
     if (status == PGRES_POLLING_FAILED) {
-        ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
-                      "annotation queue: could not connect to PostgreSQL: "
-                      "%*s", ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
-                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_log_failure(ac, ac->c->log);
         ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
         return;
     }
 
     /* libpq may have moved to another socket (host lists, SSL fallback) */
 
+    fd = ac->c->fd;
+    ino = ac->ino;
+
     if (ngx_aq_conn_wrap_socket(ac) != NGX_OK) {
         ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
         return;
+    }
+
+    if (ac->host_timer.timer_set && (ac->c->fd != fd || ac->ino != ino)) {
+        ngx_del_timer(&ac->host_timer);
+        ngx_aq_conn_host_timer(ac);
     }
 
     switch (status) {
@@ -269,6 +355,10 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
         break;
 
     default: /* PGRES_POLLING_OK */
+
+        if (ac->host_timer.timer_set) {
+            ngx_del_timer(&ac->host_timer);
+        }
 
         if (PQsetnonblocking(ac->pg, 1) != 0) {
             ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
@@ -1084,6 +1174,12 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
 
     ngx_aq_resolve_cancel(ac);
 
+    if (ac->host_timer.timer_set) {
+        ngx_del_timer(&ac->host_timer);
+    }
+
+    ac->entries = NULL;
+
     if (ac->result) {
         PQclear(ac->result);
         ac->result = NULL;
@@ -1100,6 +1196,42 @@ ngx_aq_conn_close(ngx_aq_conn_t *ac)
 
     ac->state = ngx_aq_conn_closed;
     pool->st->open--;
+}
+
+
+/*
+ * Why connecting failed: libpq says it in a line per host it tried, each
+ * maybe followed by hint lines (indented with a tab); the log gets the
+ * hosts' lines, one after the other.
+ */
+
+static void
+ngx_aq_conn_log_failure(ngx_aq_conn_t *ac, ngx_log_t *log)
+{
+    u_char       buf[NGX_MAX_ERROR_STR], *p, *last;
+    const char  *msg, *eol;
+
+    msg = PQerrorMessage(ac->pg);
+    p = buf;
+    last = buf + sizeof(buf);
+
+    while (*msg) {
+        for (eol = msg; *eol && *eol != '\n'; eol++) { /* void */ }
+
+        if (*msg != '\t' && eol > msg) {
+            if (p != buf) {
+                p = ngx_slprintf(p, last, "; ");
+            }
+
+            p = ngx_slprintf(p, last, "%*s", (size_t) (eol - msg), msg);
+        }
+
+        msg = *eol ? eol + 1 : eol;
+    }
+
+    ngx_log_error(NGX_LOG_ERR, log, 0,
+                  "annotation queue: could not connect to PostgreSQL: %*s",
+                  (size_t) (p - buf), buf);
 }
 
 

@@ -42,6 +42,9 @@ struct ngx_aq_conn_s {
     /* ngx_aq_resolve.c: this connect's host lists for libpq */
     ngx_pool_t               *tmp;
     ngx_array_t             **found;     /* the addresses of each host */
+    ngx_array_t              *entries;   /* of ngx_aq_entry_t */
+    ngx_uint_t                from;      /* the first entry libpq has */
+    ngx_event_t               host_timer;
     ngx_uint_t                next_host;
     ngx_resolver_ctx_t       *resolving;
     ngx_event_t               resolved;
@@ -77,6 +80,8 @@ size_t ngx_aq_pg_error_len(const char *msg);
 /* ngx_aq_resolve.c */
 ngx_int_t ngx_aq_resolve_start(ngx_aq_conn_t *ac);
 void ngx_aq_resolve_cancel(ngx_aq_conn_t *ac);
+ngx_int_t ngx_aq_hosts_lists(ngx_aq_conn_t *ac, ngx_uint_t from);
+ngx_uint_t ngx_aq_hosts_current(ngx_aq_conn_t *ac);
 
 /* ngx_aq_pool.c: what a connection tells its pool */
 void ngx_aq_pool_conn_ready(ngx_aq_conn_t *ac);

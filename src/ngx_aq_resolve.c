@@ -37,13 +37,16 @@ static ngx_int_t ngx_aq_list_next(ngx_str_t *list, ngx_str_t *item);
 
 /*
  * The hosts of a parsed conninfo, with their ports when it lists one per
- * host; NULL when the module has nothing to resolve (no host name, or a
+ * host, and its connect_timeout; NULL when the module has nothing to do
+ * with them (no host name, and no list to bound host by host; or a
  * "hostaddr" already given).
  */
 
 ngx_array_t *
-ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts)
+ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts,
+    ngx_msec_t *host_timeout)
 {
+    ngx_int_t          n;
     ngx_str_t          hosts, ports, name, port;
     ngx_uint_t         names, nports, nhosts;
     ngx_array_t       *a;
@@ -52,9 +55,26 @@ ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts)
 
     ngx_str_null(&hosts);
     ngx_str_null(&ports);
+    *host_timeout = 0;
 
     for (o = opts; o->keyword; o++) {
         if (o->val == NULL || o->val[0] == '\0') {
+            continue;
+        }
+
+        /*
+         * libpq's connect_timeout bounds each host of a list, but only in a
+         * blocking connect: the module applies it itself (ngx_aq_conn.c),
+         * as libpq does, 2 s at least
+         */
+
+        if (ngx_strcmp(o->keyword, "connect_timeout") == 0) {
+            n = ngx_atoi((u_char *) o->val, ngx_strlen(o->val));
+
+            if (n > 0) {
+                *host_timeout = (ngx_msec_t) ngx_max(n, 2) * 1000;
+            }
+
             continue;
         }
 
@@ -103,7 +123,7 @@ ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts)
         nhosts++;
     }
 
-    if (names == 0) {
+    if (names == 0 && (nhosts < 2 || *host_timeout == 0)) {
         return NULL;
     }
 
@@ -414,77 +434,106 @@ ngx_aq_resolve_done(ngx_event_t *ev)
 
 
 /*
- * libpq's lists: an entry per address of each name, and one for every
- * other host with an empty hostaddr (libpq then uses the host itself).
+ * The hosts libpq may try, in order: an entry per address of each name,
+ * and one for every other host with an empty hostaddr (libpq then uses the
+ * host itself); then libpq's lists from the first entry.
  */
 
 static ngx_int_t
 ngx_aq_hosts_keywords(ngx_aq_conn_t *ac, ngx_array_t **found)
 {
-    u_char         *hp, *ap, *pp;
-    size_t          len;
-    ngx_str_t      *addr;
-    ngx_uint_t      i, j, n, entries, ports;
-    ngx_aq_host_t  *h;
+    ngx_str_t       *addr;
+    ngx_uint_t       i, j, n;
+    ngx_aq_host_t   *h;
+    ngx_aq_entry_t  *e;
 
     h = ac->pool->hosts->elts;
     n = ac->pool->hosts->nelts;
 
-    len = 0;
-    entries = 0;
-    ports = (h[0].port.len != 0);
-
-    for (i = 0; i < n; i++) {
-        j = (h[i].resolve && found[i]) ? found[i]->nelts : 1;
-
-        if (h[i].resolve && (found[i] == NULL || found[i]->nelts == 0)) {
-            continue;
-        }
-
-        len += j * (h[i].name.len + h[i].port.len + NGX_SOCKADDR_STRLEN + 3);
-        entries += j;
-    }
-
-    if (entries == 0) {
+    ac->entries = ngx_array_create(ac->tmp, n, sizeof(ngx_aq_entry_t));
+    if (ac->entries == NULL) {
         return NGX_ERROR;
     }
 
-    hp = ngx_pnalloc(ac->tmp, 3 * len + 3);
+    for (i = 0; i < n; i++) {
+        if (!h[i].resolve) {
+            e = ngx_array_push(ac->entries);
+            if (e == NULL) {
+                return NGX_ERROR;
+            }
+
+            e->host = h[i].name;
+            ngx_str_null(&e->addr);
+            e->port = h[i].port;
+            continue;
+        }
+
+        if (found[i] == NULL) {
+            continue;
+        }
+
+        addr = found[i]->elts;
+
+        for (j = 0; j < found[i]->nelts; j++) {
+            e = ngx_array_push(ac->entries);
+            if (e == NULL) {
+                return NGX_ERROR;
+            }
+
+            e->host = h[i].name;
+            e->addr = addr[j];
+            e->port = h[i].port;
+        }
+    }
+
+    return ngx_aq_hosts_lists(ac, 0);
+}
+
+
+/* libpq's host, hostaddr and port lists of the entries from "from" on */
+
+ngx_int_t
+ngx_aq_hosts_lists(ngx_aq_conn_t *ac, ngx_uint_t from)
+{
+    u_char          *hp, *ap, *pp;
+    size_t           len;
+    ngx_uint_t       i;
+    ngx_aq_entry_t  *e;
+
+    e = ac->entries->elts;
+
+    if (from >= ac->entries->nelts) {
+        return NGX_ERROR;
+    }
+
+    len = 0;
+
+    for (i = from; i < ac->entries->nelts; i++) {
+        len += e[i].host.len + e[i].addr.len + e[i].port.len + 1;
+    }
+
+    hp = ngx_pnalloc(ac->tmp, 3 * len);
     if (hp == NULL) {
         return NGX_ERROR;
     }
 
     ac->host = (char *) hp;
-    ap = hp + len + 1;
+    ap = hp + len;
     ac->hostaddr = (char *) ap;
-    pp = ap + len + 1;
-    ac->port = ports ? (char *) pp : NULL;
+    pp = ap + len;
+    ac->port = e[from].port.len ? (char *) pp : NULL;
+    ac->from = from;
 
-    entries = 0;
-
-    for (i = 0; i < n; i++) {
-        if (h[i].resolve && (found[i] == NULL || found[i]->nelts == 0)) {
-            continue;
+    for (i = from; i < ac->entries->nelts; i++) {
+        if (i > from) {
+            *hp++ = ',';
+            *ap++ = ',';
+            *pp++ = ',';
         }
 
-        j = 0;
-
-        do {
-            if (entries++) {
-                *hp++ = ',';
-                *ap++ = ',';
-                *pp++ = ',';
-            }
-
-            hp = ngx_cpymem(hp, h[i].name.data, h[i].name.len);
-            pp = ngx_cpymem(pp, h[i].port.data, h[i].port.len);
-
-            if (h[i].resolve) {
-                addr = (ngx_str_t *) found[i]->elts + j;
-                ap = ngx_cpymem(ap, addr->data, addr->len);
-            }
-
-        } while (h[i].resolve && ++j < found[i]->nelts);
+        hp = ngx_cpymem(hp, e[i].host.data, e[i].host.len);
+        ap = ngx_cpymem(ap, e[i].addr.data, e[i].addr.len);
+        pp = ngx_cpymem(pp, e[i].port.data, e[i].port.len);
     }
 
     *hp = '\0';
@@ -492,6 +541,56 @@ ngx_aq_hosts_keywords(ngx_aq_conn_t *ac, ngx_array_t **found)
     *pp = '\0';
 
     return NGX_OK;
+}
+
+
+/*
+ * The entry libpq is trying now, from ac->from on: by the address it
+ * connects to, or by the host and the port.
+ */
+
+ngx_uint_t
+ngx_aq_hosts_current(ngx_aq_conn_t *ac)
+{
+    size_t           len;
+    ngx_uint_t       i;
+    const char      *host, *addr, *port;
+    ngx_aq_entry_t  *e;
+
+    e = ac->entries->elts;
+    host = PQhost(ac->pg);
+    addr = PQhostaddr(ac->pg);
+    port = PQport(ac->pg);
+
+    for (i = ac->from; i < ac->entries->nelts; i++) {
+        if (e[i].port.len && port
+            && (ngx_strlen(port) != e[i].port.len
+                || ngx_strncmp(port, e[i].port.data, e[i].port.len) != 0))
+        {
+            continue;
+        }
+
+        if (e[i].addr.len) {
+            len = addr ? ngx_strlen(addr) : 0;
+
+            if (len == e[i].addr.len
+                && ngx_strncmp(addr, e[i].addr.data, len) == 0)
+            {
+                return i;
+            }
+
+            continue;
+        }
+
+        len = host ? ngx_strlen(host) : 0;
+
+        if (len == e[i].host.len && ngx_strncmp(host, e[i].host.data, len) == 0)
+        {
+            return i;
+        }
+    }
+
+    return ac->from;
 }
 
 

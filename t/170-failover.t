@@ -39,12 +39,12 @@
 #     waiting, those claims are committed and a key's retry gets its item
 #     back.
 #
-# Two TODO tests say what the module does not do yet: log why each host of
-# a list failed (it logs the first line of libpq's message, the first
-# host's), and reach the second host while the first never answers (libpq
-# applies connect_timeout per host only when it connects blocking; the
-# module's non-blocking attempt stays on the first host until the module's
-# connect timeout ends it).
+#   - why each host of a list failed is logged on one line; a first host
+#     that never answers is passed by after the conninfo's connect_timeout
+#     (the module applies it host by host, as libpq does only when it
+#     connects blocking), and the claims reach the promoted standby listed
+#     second; without connect_timeout (the control) they get 503 until the
+#     module's connect timeout.
 #
 # AQ_FAILOVER_LONG=1 adds AQ_FAILOVER_ROUNDS (5) more asynchronous
 # failovers, each to a new standby of the last primary, and notes the
@@ -102,11 +102,14 @@ my $JSON_TYPE = qr{^application/json(?:;\s*charset=utf-8)?$};
 
 sub dsn {
     my (@nodes) = @_;
-    my %o = (@nodes && !ref $nodes[-1]) ? splice(@nodes, -2) : ();
+    my @o;
+    unshift @o, splice(@nodes, -2) while @nodes && !ref $nodes[-1];
+    my %o = @o;
     my $dsn = 'host=' . join(',', ('127.0.0.1') x @nodes)
               . ' port=' . join(',', map { $_->port } @nodes)
               . " dbname=$AQ::DB user=postgres";
     $dsn .= " target_session_attrs=$o{tsa}" if $o{tsa};
+    $dsn .= " connect_timeout=$o{host_timeout}" if $o{host_timeout};
     return $dsn;
 }
 
@@ -118,7 +121,8 @@ sub nginx_for {
     my $ngx = AQ::start_nginx(
         workers => $o{workers} // 1, dsn => $dsn, listen => 'reuseport',
         http => "    annotation_queue_pool_size " . ($o{pool} // 1) . ";\n"
-                . "    annotation_queue_connect_timeout ${CONNECT_TIMEOUT}s;\n"
+                . "    annotation_queue_connect_timeout "
+                . ($o{connect} // $CONNECT_TIMEOUT) . "s;\n"
                 . "    annotation_queue_query_timeout ${QUERY_TIMEOUT}s;\n"
                 . AQ::Faults::status_server($sport));
     return ($ngx, $sport);
@@ -426,13 +430,8 @@ sub failover {
     like($log, qr/could not connect to PostgreSQL: connection to server at "127\.0\.0\.1", port $old_port failed: Connection refused/,
          "$what: nginx's error log says why connecting failed while no primary existed "
          . '(the killed primary refused)');
-    TODO: {
-        local $TODO = 'the module logs the first line of libpq\'s message only '
-                      . '(ngx_aq_pg_error_len): with a host list, why the later hosts '
-                      . 'failed goes unlogged';
-        like($log, qr/could not connect to PostgreSQL: .*(?:session is read-only|server is in hot standby mode)/,
-             "$what: ... and why the standby was passed by (read-only)");
-    }
+    like($log, qr/could not connect to PostgreSQL: .*; .*(?:session is read-only|server is in hot standby mode)/,
+         "$what: ... and, on the same line, why the standby was passed by (read-only)");
     unlike($log, qr/failed: 25006 /, "$what: no claim ran on the standby (no SQLSTATE 25006)");
     is_deeply(AQ::Faults::log_problems($log), [],
               "$what: no [alert], [crit] or [emerg] in nginx's error log, no crashed worker");
@@ -517,21 +516,18 @@ sub measure_async {
 
 # The primary hangs instead (SIGSTOP: its port completes TCP handshakes,
 # nothing answers), listed first; its standby is promoted.  libpq tries
-# the hosts of a list in order, and in the non-blocking connect the module
-# runs (PQconnectPoll) it does not apply connect_timeout per host: the
-# attempt waits on the first host until the module's connect timeout ends
-# it.  Whatever it does, every claim gets an answer within the connect
-# timeout: a 200 from the new primary, or 503 database_unavailable with
-# Retry-After.  Once the hung server is gone (killed: its port refuses),
-# claims reach the new primary at once.
-{
-    my $what = 'hung primary listed first';
-    my $next = $primary->standby(name => 'standby3');
-    $primary->freeze;
-    $next->promote;
-    AQ::Standby::use_primary($next);
-    my ($ngx) = nginx_for(dsn($primary, $next, tsa => 'read-write'),
-                          workers => 1, pool => 4);
+# the hosts of a list in order, and in a non-blocking connect
+# (PQconnectPoll) it does not apply connect_timeout per host.  Without a
+# connect_timeout in the conninfo the attempt waits on the first host until
+# the module's connect timeout ends it: every claim gets 503
+# database_unavailable with Retry-After, in time (the control).  With
+# connect_timeout=2, the module applies it host by host, as libpq does when
+# it connects blocking: after 2 s on the silent host the attempt goes on
+# with the next, and the claims reach the promoted standby listed second.
+# Once the hung server is gone (killed: its port refuses), claims reach the
+# new primary at once either way.
+sub claim_four {
+    my ($ngx) = @_;
     my @c = map { [AQ::Client->new(port => $ngx->port, timeout => $CLIENT_TIMEOUT), shift @small_keys] }
             1 .. 4;
     my $t0 = time;
@@ -545,22 +541,47 @@ sub measure_async {
         push @bad, $out unless $out eq '200 item'
                                || unavailable_problem(@$r{qw(status headers body error)}) eq '';
     }
-    is_deeply(\@bad, [], "$what: 4 concurrent claims each answer 200 or 503 "
-                         . 'database_unavailable JSON with Retry-After');
-    cmp_ok(max(@took), '<', $CONNECT_TIMEOUT + 1,
-           "$what: ... each within the connect timeout (${CONNECT_TIMEOUT}s): nothing hangs");
-    note sprintf '%s: answers %s, after %s', $what, join(', ', @out),
-                 join(', ', map { sprintf '%.3f s', $_ } @took);
-    TODO: {
-        local $TODO = 'libpq applies connect_timeout per host only in a blocking connect: '
-                      . 'the module\'s non-blocking attempt never leaves a host that does '
-                      . 'not answer';
-        is_deeply(\@out, [('200 item') x 4],
-                  "$what: the claims reach the promoted standby listed second");
-    }
+    return (\@out, \@bad, \@took);
+}
+
+{
+    my $what = 'hung primary listed first';
+    my $next = $primary->standby(name => 'standby3');
+    $primary->freeze;
+    $next->promote;
+    AQ::Standby::use_primary($next);
+
+    my $connect = AQ::Faults::scaled(6);
+    my ($per_host) = nginx_for(dsn($primary, $next, tsa => 'read-write', host_timeout => 2),
+                               workers => 1, pool => 4, connect => $connect);
+    my ($out, $bad, $took) = claim_four($per_host);
+    is_deeply($out, [('200 item') x 4],
+              "$what, connect_timeout=2 in the conninfo: the claims reach the promoted "
+              . 'standby listed second') or diag explain [$bad, $took];
+    cmp_ok(max(@$took), '<', $connect,
+           "$what, connect_timeout=2: ... before the module's connect timeout (${connect}s): "
+           . sprintf('%.2f s', max(@$took)));
+    like($per_host->error_log,
+         qr/\[warn\] .*annotation queue: host "127\.0\.0\.1" port "@{[ $primary->port ]}" did not answer within connect_timeout \(2000 ms\), trying the next host/,
+         "$what, connect_timeout=2: nginx's error log says which host was passed by, and why");
+    is_deeply(AQ::Faults::log_problems($per_host->error_log), [],
+              "$what, connect_timeout=2: no [alert], [crit] or [emerg] in nginx's error log");
+    $per_host->stop;
+
+    my ($ngx) = nginx_for(dsn($primary, $next, tsa => 'read-write'), workers => 1, pool => 4);
+    ($out, $bad, $took) = claim_four($ngx);
+    is_deeply($bad, [], "$what, control without connect_timeout: 4 concurrent claims each "
+                        . 'answer 200 or 503 database_unavailable JSON with Retry-After');
+    cmp_ok(max(@$took), '<', $CONNECT_TIMEOUT + 1,
+           "$what, control: ... each within the connect timeout (${CONNECT_TIMEOUT}s): "
+           . 'nothing hangs');
+    note sprintf '%s, control: answers %s, after %s', $what, join(', ', @$out),
+                 join(', ', map { sprintf '%.3f s', $_ } @$took);
+    is_deeply([grep { $_ eq '200 item' } @$out], [],
+              "$what, control: ... none reaches the standby listed second (the attempt "
+              . 'stays on the silent host)');
     like($ngx->error_log, qr/connecting to PostgreSQL timed out/,
-         "$what: nginx's error log says the connection attempt timed out")
-        if grep { $_ ne '200 item' } @out;
+         "$what, control: nginx's error log says the connection attempt timed out");
 
     $primary->kill9;
     my ($st, $h, $body, $err) = claim_once($ngx, $queue{small}, shift @small_keys);
