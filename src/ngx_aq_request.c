@@ -30,10 +30,14 @@ static ngx_int_t ngx_aq_request_respond(ngx_http_request_t *r,
 
 
 /*
- * nginx's own reader of a request body, which ngx_aq_request_body_reader
- * stands in front of (the same function for every HTTP/1 request)
+ * nginx's own readers of a request body, which ngx_aq_request_body_reader
+ * stands in front of: the same function for every HTTP/1 request, and
+ * another for every HTTP/2 stream
  */
 static ngx_http_event_handler_pt  ngx_aq_request_nginx_body_reader;
+#if (NGX_HTTP_V2)
+static ngx_http_event_handler_pt  ngx_aq_request_nginx_v2_body_reader;
+#endif
 
 
 ngx_int_t
@@ -95,14 +99,20 @@ ngx_aq_request_start(ngx_http_request_t *r, const ngx_aq_action_t *action)
         return rc;
     }
 
-    if (rc == NGX_AGAIN
-#if (NGX_HTTP_V2)
-        && r->stream == NULL
-#endif
-        && r->read_event_handler != ngx_aq_request_body_reader)
+    if (rc == NGX_AGAIN && r->read_event_handler != ngx_aq_request_body_reader)
     {
         /* the body is still coming: see to its timeout */
-        ngx_aq_request_nginx_body_reader = r->read_event_handler;
+
+#if (NGX_HTTP_V2)
+        if (r->stream) {
+            ngx_aq_request_nginx_v2_body_reader = r->read_event_handler;
+
+        } else
+#endif
+        {
+            ngx_aq_request_nginx_body_reader = r->read_event_handler;
+        }
+
         r->read_event_handler = ngx_aq_request_body_reader;
     }
 
@@ -111,8 +121,9 @@ ngx_aq_request_start(ngx_http_request_t *r, const ngx_aq_action_t *action)
 
 
 /*
- * When client_body_timeout expires, nginx closes the connection without a
- * word (its 408 only shows in the access log).  Here the client gets the
+ * When client_body_timeout expires, nginx closes the connection (resets
+ * the HTTP/2 stream) without a word (its 408 only shows in the access
+ * log).  Here the client gets the
  * 408 as nginx's other errors in these locations, made JSON by the error
  * filter (request_timeout), and the connection closes after it.  Every
  * other read goes to nginx's reader, which hands the complete body to
@@ -127,6 +138,12 @@ ngx_aq_request_body_reader(ngx_http_request_t *r)
     c = r->connection;
 
     if (!c->read->timedout) {
+#if (NGX_HTTP_V2)
+        if (r->stream) {
+            ngx_aq_request_nginx_v2_body_reader(r);
+            return;
+        }
+#endif
         ngx_aq_request_nginx_body_reader(r);
         return;
     }
@@ -135,6 +152,13 @@ ngx_aq_request_body_reader(ngx_http_request_t *r)
                   "client timed out sending the request body");
 
     c->read->timedout = 0;
+
+#if (NGX_HTTP_V2)
+    if (r->stream) {
+        /* the rest of the stream's DATA is dropped, the answer goes out */
+        r->stream->skip_data = 1;
+    }
+#endif
 
     r->keepalive = 0;
     r->lingering_close = 1;

@@ -295,8 +295,8 @@ endpoints($_) for qw(tls h2c);
 
 # A body that stops coming, on a stream beside others (h2c, a server whose
 # client_body_timeout is 1 s): the stream ends at the timeout, the other
-# streams of the connection get their answers.  Over HTTP/1 the client gets
-# 408 request_timeout as JSON (t/095-logging.t); over HTTP/2 not yet (TODO).
+# streams of the connection get their answers.  The stalled stream gets 408
+# request_timeout as JSON, as over HTTP/1 (t/095-logging.t).
 {
     my $what = 'a stalled body';
     my $q = AQ::queue($org, 'stalled');
@@ -312,14 +312,9 @@ endpoints($_) for qw(tls h2c);
     ok($r->{status} || $r->{reset},
        "$what: the stalled stream ends at client_body_timeout (answered or reset, not left open)")
         or diag explain $r;
-    TODO: {
-        local $TODO = 'over HTTP/2 nginx resets the stream (PROTOCOL_ERROR) without an answer: '
-                      . "the module's JSON 408 at client_body_timeout covers HTTP/1 only "
-                      . '(ngx_aq_request_start: r->stream == NULL)';
-        my @p = error_problems($r, 408, 'request_timeout');
-        is_deeply(\@p, [], "$what: the stalled stream gets 408 request_timeout, as over HTTP/1")
-            or diag explain [\@p, $r];
-    }
+    my @p = error_problems($r, 408, 'request_timeout');
+    is_deeply(\@p, [], "$what: the stalled stream gets 408 request_timeout as JSON, as over HTTP/1")
+        or diag explain [\@p, $r];
     $sid = $h2->post(key => $k1, body => qq({"queue_id":"$q"}));
     $r = $h2->response($sid);
     is(outcome($r), '200 item', "$what: the connection serves on (its key claims next)")
