@@ -10,9 +10,9 @@
 #   copy of nginx's source tree, configured with Debian's conf_flags like
 #   build/nginx; the features configure finds must be the same, or the
 #   module would not have nginx's ABI).
-# - The suites run against it from build/coverage/top/, whose scripts/, t/
-#   and sql/ are links to the repository's and whose build/ holds the
-#   coverage module (scripts/test.sh loads the module of the tree it runs
+# - The suites run against it from build/coverage/top/, whose entries
+#   are links to the repository's (but build/, which holds the
+#   coverage module: scripts/test.sh loads the module of the tree it runs
 #   from).
 # - Every nginx process that loaded the module writes its counts into the
 #   .gcda files beside the objects (build/coverage/nginx/addon/) when it
@@ -106,8 +106,10 @@ find "$objs/addon" -type d -exec chmod a+rwx {} +
 shadow="$out/top"
 rm -rf "$shadow"
 mkdir -p "$shadow/build"
-for f in scripts t sql; do
-    ln -s "$top/$f" "$shadow/$f"
+for f in "$top"/*; do
+    # everything but build/: the suites, the SQL, the contract, and the
+    # sources and mutant lists that scripts/test.sh checks first
+    [ "$(basename "$f")" = build ] || ln -s "$f" "$shadow/$(basename "$f")"
 done
 ln -s "$module" "$shadow/build/ngx_http_annotation_queue_module.so"
 

@@ -11,9 +11,9 @@
 #   LD_PRELOAD=libasan.so and the sanitizers' options, for Test::Nginx's
 #   nginx and for the ones the suites start themselves (AQ::start_nginx).
 # - scripts/test.sh loads build/ngx_http_annotation_queue_module.so of the
-#   directory above it: it runs here from build/asan/top/, whose scripts/,
-#   t/ and sql/ are links to the repository's and whose build/ holds the
-#   ASan module.
+#   directory above it: it runs here from build/asan/top/, whose entries
+#   are links to the repository's (but build/, which holds the
+#   ASan module).
 # - Every report (ASan, LeakSanitizer, UBSan) goes to its own file,
 #   build/asan/reports/{asan,ubsan}.<pid>, whatever nginx does with stderr.
 #
@@ -124,8 +124,10 @@ chmod +x "$asan/nginx-asan"
 shadow="$asan/top"
 rm -rf "$shadow"
 mkdir -p "$shadow/build"
-for f in scripts t sql; do
-    ln -s "$top/$f" "$shadow/$f"
+for f in "$top"/*; do
+    # everything but build/: the suites, the SQL, the contract, and the
+    # sources and mutant lists that scripts/test.sh checks first
+    [ "$(basename "$f")" = build ] || ln -s "$f" "$shadow/$(basename "$f")"
 done
 ln -s "$module" "$shadow/build/ngx_http_annotation_queue_module.so"
 
