@@ -16,6 +16,11 @@
 #                   local (prepare on)
 #   pgb-transaction through PgBouncer, pool_mode transaction, prepare off,
 #                   statement_timeout local
+#   pgb124-transaction  only with PGBOUNCER_NEW=/path (a PgBouncer 1.21 or
+#                   later: scripts/build-pgbouncer.sh builds trixie's
+#                   1.24): through it, pool_mode transaction with
+#                   max_prepared_statements = 100, prepare on (the
+#                   default), statement_timeout local
 #
 # Each round runs every configuration at every level, the configurations
 # in a rotated order each round (so that none always runs first, or right
@@ -32,7 +37,9 @@
 #   BENCH_WARMUP         seconds of warm-up per configuration and level (2)
 #   BENCH_REPEAT         rounds, medians printed       (3; quick 1)
 #   BENCH_CONNECTIONS    concurrency levels            ("8 64")
-#   BENCH_CONFIGS        configurations to run         (all five, as above)
+#   BENCH_CONFIGS        configurations to run         (all five, as above;
+#                        six with PGBOUNCER_NEW)
+#   PGBOUNCER_NEW        a PgBouncer 1.21+ for pgb124-transaction
 #   BENCH_POOL_SIZE      annotation_queue_pool_size    (8 per worker)
 #   BENCH_WORKERS        nginx worker_processes        (2)
 #   BENCH_PGB_POOL       PgBouncer's default_pool_size (workers x pool size)
@@ -52,6 +59,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 NGINX=${NGINX:-/usr/sbin/nginx}
 MODULE=${MODULE:-$top/build/ngx_http_annotation_queue_module.so}
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
+PGBOUNCER_NEW=${PGBOUNCER_NEW:-}
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
     ITEMS=${BENCH_ITEMS:-50000}
@@ -67,7 +75,9 @@ default_keys=$((DURATION * 10000))
 [ "$default_keys" -ge 10000 ] || default_keys=10000
 KEYS=${BENCH_KEYS:-$default_keys}
 LEVELS=${BENCH_CONNECTIONS:-"8 64"}
-CONFIGS=${BENCH_CONFIGS:-"direct direct-noprep direct-local pgb-session pgb-transaction"}
+default_configs="direct direct-noprep direct-local pgb-session pgb-transaction"
+[ -z "$PGBOUNCER_NEW" ] || default_configs+=" pgb124-transaction"
+CONFIGS=${BENCH_CONFIGS:-$default_configs}
 POOL=${BENCH_POOL_SIZE:-8}
 WORKERS=${BENCH_WORKERS:-2}
 PGB_POOL=${BENCH_PGB_POOL:-$((WORKERS * POOL))}
@@ -88,6 +98,10 @@ fi
 for cfg in $CONFIGS; do
     case "$cfg" in
     direct|direct-noprep|direct-local|pgb-session|pgb-transaction) ;;
+    pgb124-transaction)
+        [ -n "$PGBOUNCER_NEW" ] || die "pgb124-transaction needs PGBOUNCER_NEW=/path/to/pgbouncer"
+        [ -x "$PGBOUNCER_NEW" ] || die "PGBOUNCER_NEW: $PGBOUNCER_NEW is missing (scripts/build-pgbouncer.sh)"
+        ;;
     *) die "unknown configuration $cfg" ;;
     esac
 done
@@ -119,12 +133,13 @@ free_port() {
     perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen => 1, LocalAddr => "127.0.0.1", LocalPort => 0)->sockport'
 }
 
-# pgb_start NAME MODE: a PgBouncer in front of the bench's PostgreSQL (as
-# the postgres user when root: it refuses root), auth trust, no unix
-# socket; sets pgb_port[NAME], pgb_pid[NAME].
+# pgb_start NAME MODE [BINARY [MORE]]: a PgBouncer (BINARY, $PGBOUNCER by
+# default) in front of the bench's PostgreSQL (as the postgres user when
+# root: it refuses root), auth trust, no unix socket, MORE lines in its
+# [pgbouncer] section; sets pgb_port[NAME], pgb_pid[NAME].
 declare -A pgb_port pgb_pid
 pgb_start() {
-    local name=$1 mode=$2 d=$work/pgb-$1 port i
+    local name=$1 mode=$2 bin=${3:-$PGBOUNCER} more=${4:-} d=$work/pgb-$1 port i
     port=$(free_port)
     mkdir -p "$d"
     cat > "$d/pgbouncer.ini" <<INI
@@ -145,13 +160,14 @@ logfile = $d/pgbouncer.log
 pidfile = $d/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
+$more
 INI
     echo '"postgres" ""' > "$d/userlist.txt"
     if [ "$(id -u)" -eq 0 ]; then
         chown -R postgres: "$d"
-        runuser -u postgres -- "$PGBOUNCER" -d -q "$d/pgbouncer.ini"
+        runuser -u postgres -- "$bin" -d -q "$d/pgbouncer.ini"
     else
-        "$PGBOUNCER" -d -q "$d/pgbouncer.ini"
+        "$bin" -d -q "$d/pgbouncer.ini"
     fi
     for i in $(seq 100); do
         psql -X -qtA -h 127.0.0.1 -p "$port" -U postgres -d pgbouncer -c 'SHOW VERSION' \
@@ -162,7 +178,8 @@ INI
     pgb_port[$name]=$port
     pgb_pid[$name]=$(cat "$d/pgbouncer.pid")
     pgb_pids+=("${pgb_pid[$name]}")
-    log "PgBouncer $name: pool_mode $mode on 127.0.0.1:$port (pid ${pgb_pid[$name]})"
+    log "PgBouncer $("$bin" --version | awk 'NR == 1 {print $2}') $name: pool_mode $mode" \
+        "on 127.0.0.1:$port (pid ${pgb_pid[$name]})${more:+; $more}"
 }
 
 # --- data: one organisation, one queue, ITEMS items, KEYS keys -------------
@@ -195,6 +212,9 @@ log "loaded $ITEMS items and $KEYS keys in $(awk -v a="$t0" -v b="$(date +%s.%N)
 
 case " $CONFIGS " in *" pgb-session "*) pgb_start session session ;; esac
 case " $CONFIGS " in *" pgb-transaction "*) pgb_start transaction transaction ;; esac
+case " $CONFIGS " in *" pgb124-transaction "*)
+    pgb_start new-transaction transaction "$PGBOUNCER_NEW" 'max_prepared_statements = 100' ;;
+esac
 
 # --- nginx: one server per configuration --------------------------------
 
@@ -207,10 +227,13 @@ settings_of[direct-noprep]='annotation_queue_prepare off;'
 settings_of[direct-local]='annotation_queue_statement_timeout local;'
 settings_of[pgb-session]='annotation_queue_statement_timeout local;'
 settings_of[pgb-transaction]='annotation_queue_prepare off; annotation_queue_statement_timeout local;'
+settings_of[pgb124-transaction]='annotation_queue_statement_timeout local;'
 [ -z "${pgb_port[session]:-}" ] ||
     dsn_of[pgb-session]="host=127.0.0.1 port=${pgb_port[session]} user=postgres dbname=annotation_queue"
 [ -z "${pgb_port[transaction]:-}" ] ||
     dsn_of[pgb-transaction]="host=127.0.0.1 port=${pgb_port[transaction]} user=postgres dbname=annotation_queue"
+[ -z "${pgb_port[new-transaction]:-}" ] ||
+    dsn_of[pgb124-transaction]="host=127.0.0.1 port=${pgb_port[new-transaction]} user=postgres dbname=annotation_queue"
 
 mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
 status_port=$(free_port)
@@ -300,6 +323,7 @@ run() {
     case "$cfg" in
     pgb-session) pid=${pgb_pid[session]} ;;
     pgb-transaction) pid=${pgb_pid[transaction]} ;;
+    pgb124-transaction) pid=${pgb_pid[new-transaction]} ;;
     esac
     ids=$work/ids-$cfg-$c-$(date +%s%N)
     l0=$(errlog_lines)
@@ -360,15 +384,17 @@ done
 # --- the table ------------------------------------------------------------
 
 echo
-echo "annotation queue claims through PgBouncer $("$PGBOUNCER" --version | awk 'NR == 1 {print $2}'), $(date -u '+%F %H:%M UTC'), $(nproc) cores," \
+pgb_versions=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
+[ -z "$PGBOUNCER_NEW" ] || pgb_versions+=" and $("$PGBOUNCER_NEW" --version | awk 'NR == 1 {print $2}') (pgb124-)"
+echo "annotation queue claims through PgBouncer $pgb_versions, $(date -u '+%F %H:%M UTC'), $(nproc) cores," \
      "load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "module $MODULE, source $commit"
 echo "items=$ITEMS keys=$KEYS ${DURATION}s per run, medians of $REPEAT rounds; nginx $WORKERS workers," \
      "pool $POOL per worker; PgBouncer default_pool_size $PGB_POOL; wrk -t$THREADS -c <conns>"
 echo
-printf '| %5s | %-15s | %9s | %6s | %6s | %6s | %9s | %13s |\n' conns configuration \
+printf '| %5s | %-18s | %9s | %6s | %6s | %6s | %9s | %13s |\n' conns configuration \
     "claims/s" "p50 ms" "p99 ms" errors "/ direct" "pgbouncer us"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: :---------------- ----------: -------: -------: \
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ------: :------------------- ----------: -------: -------: \
     -------: ----------: --------------:
 for c in $LEVELS; do
     base=
@@ -380,8 +406,8 @@ for c in $LEVELS; do
         [ "$cfg" != direct ] || base=$t
         rel=-
         [ -z "$base" ] || rel=$(awk -v a="$t" -v b="$base" 'BEGIN {printf "%.2f", (b > 0) ? a / b : 0}')
-        case "$cfg" in pgb-*) ;; *) pgb=- ;; esac
-        printf '| %5s | %-15s | %9.0f | %6.2f | %6.2f | %6s | %9s | %13s |\n' \
+        case "$cfg" in pgb-*|pgb124-*) ;; *) pgb=- ;; esac
+        printf '| %5s | %-18s | %9.0f | %6.2f | %6.2f | %6s | %9s | %13s |\n' \
             "$c" "$cfg" "$t" "$p50" "$p99" "$e" "$rel" "$pgb"
     done
 done
