@@ -8,6 +8,8 @@
 #   make coverage          line and branch coverage of the suites (gcov)
 #   make test-exclusivity  the full exclusivity check under load
 #   make test-repeat       make test's suites 20 times beside 2 CPU burners
+#   make test-pgbouncer-new  prepared statements through PgBouncer 1.24 (built
+#                          from Debian trixie's source) in transaction mode
 #   make clean
 
 SHELL        := /bin/bash
@@ -22,7 +24,7 @@ SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
 .PHONY: all deps run test clean test-mutants coverage test-exclusivity \
-        test-repeat
+        test-repeat test-pgbouncer-new
 
 all: $(MODULE)
 
@@ -62,6 +64,9 @@ test-exclusivity: deps $(MODULE)
 
 test-repeat: deps $(MODULE)
 	@scripts/test-repeat.sh
+
+test-pgbouncer-new: deps $(MODULE)
+	@scripts/test-pgbouncer-new.sh
 
 clean:
 	rm -rf $(BUILD)

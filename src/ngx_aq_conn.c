@@ -34,6 +34,7 @@ static void ngx_aq_conn_host_timeout(ngx_event_t *ev);
 static void ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_prepare(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac);
+static ngx_int_t ngx_aq_conn_send_prepares(ngx_aq_conn_t *ac);
 static void ngx_aq_conn_connected(ngx_aq_conn_t *ac);
 static ngx_int_t ngx_aq_conn_send_stmt(ngx_aq_conn_t *ac, ngx_aq_stmt_e n,
     const char *const *values, const int *lengths, const int *formats);
@@ -383,19 +384,20 @@ ngx_aq_conn_connect_poll(ngx_aq_conn_t *ac)
 
 
 /*
- * Prepares every statement in one round trip: a DEALLOCATE ALL (a pooler
- * in session mode without a reset query hands a server session that may
- * hold the statements of a connection before), the Parse messages of all
- * of them and a Sync go out together in libpq's pipeline mode, and the
- * answers are read by ngx_aq_conn_read_prepared().
+ * Prepares every statement, in two round trips of libpq's pipeline mode:
+ * first a DEALLOCATE ALL and a Sync (a pooler in session mode without a
+ * reset query hands a server session that may hold the statements of a
+ * connection before), then, once its answer is in, the Parse messages of
+ * all of them and a Sync; ngx_aq_conn_read_prepared() reads both.  The
+ * DEALLOCATE ALL must be answered before the Parse messages go: PgBouncer
+ * 1.21 and later, tracking prepared statements in transaction mode
+ * (max_prepared_statements), forget every statement of the client when
+ * they see its answer, Parse messages they already took included.
  */
 
 static void
 ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
 {
-    ngx_uint_t            i;
-    const ngx_aq_stmt_t  *stmt;
-
     ac->state = ngx_aq_conn_preparing;
     ac->prepared = 0;
 
@@ -407,16 +409,6 @@ ngx_aq_conn_prepare(ngx_aq_conn_t *ac)
                            NULL, 0))
     {
         goto failed;
-    }
-
-    for (i = 0; i < NGX_AQ_NSTMTS; i++) {
-        stmt = &ngx_aq_stmts[i];
-
-        if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
-                           stmt->types))
-        {
-            goto failed;
-        }
     }
 
     if (!PQpipelineSync(ac->pg)) {
@@ -439,10 +431,35 @@ failed:
 }
 
 
+static ngx_int_t
+ngx_aq_conn_send_prepares(ngx_aq_conn_t *ac)
+{
+    ngx_uint_t            i;
+    const ngx_aq_stmt_t  *stmt;
+
+    for (i = 0; i < NGX_AQ_NSTMTS; i++) {
+        stmt = &ngx_aq_stmts[i];
+
+        if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
+                           stmt->types))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (!PQpipelineSync(ac->pg)) {
+        return NGX_ERROR;
+    }
+
+    return ngx_aq_conn_flush(ac);
+}
+
+
 /*
- * The answers to the pipeline of ngx_aq_conn_prepare(), in order: for the
- * DEALLOCATE and each statement a result and a NULL, then the Sync's
- * PGRES_PIPELINE_SYNC.  A statement that fails makes the rest
+ * The answers to the pipeline of ngx_aq_conn_prepare(), in order: the
+ * DEALLOCATE's result and a NULL, its Sync's PGRES_PIPELINE_SYNC (then the
+ * Parse messages go), for each statement a result and a NULL, then the
+ * second Sync's PGRES_PIPELINE_SYNC.  A statement that fails makes the rest
  * PGRES_PIPELINE_ABORTED: the first error is logged and the connection
  * closed.  ac->prepared counts the results, the DEALLOCATE's first.
  */
@@ -492,6 +509,21 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
         if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS + 1) {
             ac->prepared++;
+            continue;
+        }
+
+        if (status == PGRES_PIPELINE_SYNC && ac->prepared == 1) {
+            if (ngx_aq_conn_send_prepares(ac) != NGX_OK) {
+                ngx_log_error(NGX_LOG_ERR, ac->c->log, 0,
+                              "annotation queue: preparing statements "
+                              "failed: %*s",
+                              ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                              PQerrorMessage(ac->pg));
+                ngx_aq_pool_conn_error(ac, NGX_AQ_QUERY_UNAVAILABLE);
+                return;
+            }
+
+            nulls = 0;
             continue;
         }
 
