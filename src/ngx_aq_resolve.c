@@ -531,9 +531,19 @@ ngx_aq_hosts_lists(ngx_aq_conn_t *ac, ngx_uint_t from)
             *pp++ = ',';
         }
 
-        hp = ngx_cpymem(hp, e[i].host.data, e[i].host.len);
-        ap = ngx_cpymem(ap, e[i].addr.data, e[i].addr.len);
-        pp = ngx_cpymem(pp, e[i].port.data, e[i].port.len);
+        /* an empty entry's data may be NULL: memcpy() must not see it */
+
+        if (e[i].host.len) {
+            hp = ngx_cpymem(hp, e[i].host.data, e[i].host.len);
+        }
+
+        if (e[i].addr.len) {
+            ap = ngx_cpymem(ap, e[i].addr.data, e[i].addr.len);
+        }
+
+        if (e[i].port.len) {
+            pp = ngx_cpymem(pp, e[i].port.data, e[i].port.len);
+        }
     }
 
     *hp = '\0';
