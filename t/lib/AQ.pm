@@ -72,6 +72,27 @@ sub slow {
     return $ENV{TEST_NGINX_USE_VALGRIND} ? 10 : 1;
 }
 
+# The version of TEST_NGINX_BINARY as nginx_version in C: 1026003 for
+# 1.26.3.  The suites run against several (scripts/test-matrix.sh); this is
+# for what nginx itself changed between them.
+my $nginx_version;
+sub nginx_version {
+    return $nginx_version if defined $nginx_version;
+    my $out = `$ENV{TEST_NGINX_BINARY} -v 2>&1`;
+    my ($maj, $min, $pat) = $out =~ m{nginx/(\d+)\.(\d+)\.(\d+)}
+        or die "AQ: no version in $ENV{TEST_NGINX_BINARY} -v: $out\n";
+    return $nginx_version = $maj * 1000000 + $min * 1000 + $pat;
+}
+
+# A server's HTTP/2 listener, e.g. listen_http2("127.0.0.1:$port ssl"):
+# "listen ... http2" before nginx 1.25.1; from 1.25.1, where that is
+# deprecated (a [warn] at each start), "listen ...; http2 on;".
+sub listen_http2 {
+    my ($listen) = @_;
+    return nginx_version() >= 1025001 ? "listen $listen;\n        http2 on;"
+                                      : "listen $listen http2;";
+}
+
 # ---------------------------------------------------------------------------
 # PostgreSQL: the cluster, then this suite's database.
 
