@@ -10,6 +10,10 @@
 #   make test-repeat       make test's suites 20 times beside 2 CPU burners
 #   make test-pgbouncer-new  prepared statements through PgBouncer 1.24 (built
 #                          from Debian trixie's source) in transaction mode
+#   make deb               build/deb/libnginx-mod-http-annotation-queue_<version>_<arch>.deb
+#                          (dh-sequence-nginx, out of tree; scripts/build-deb.sh)
+#   make test-deb          the .deb installed, used and removed on a
+#                          debootstrapped bookworm (scripts/test-deb.sh, root)
 #   make clean
 
 SHELL        := /bin/bash
@@ -24,7 +28,7 @@ SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
 .PHONY: all deps run test clean test-mutants coverage test-exclusivity \
-        test-repeat test-pgbouncer-new
+        test-repeat test-pgbouncer-new deb test-deb
 
 all: $(MODULE)
 
@@ -67,6 +71,12 @@ test-repeat: deps $(MODULE)
 
 test-pgbouncer-new: deps $(MODULE)
 	@scripts/test-pgbouncer-new.sh
+
+deb:
+	@scripts/build-deb.sh
+
+test-deb:
+	@scripts/test-deb.sh
 
 clean:
 	rm -rf $(BUILD)
