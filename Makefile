@@ -1,6 +1,14 @@
 # ngx_http_annotation_queue_module: build, run and test.
 #
 #   make          build build/ngx_http_annotation_queue_module.so
+#   make NGINX_SRC=~/nginx-1.30.4 BUILD=$PWD/build/1.30.4
+#                 the module for another nginx: a source tree of that exact
+#                 version (Debian's nginx-dev tree by default, with its
+#                 conf_flags; else ./configure --with-compat)
+#   make install  copy the module into the modules directory of $(NGINX)
+#                 (its nginx -V --modules-path), under DESTDIR if given
+#   make test-matrix       the suites against nginx 1.22, 1.26 and the newest
+#                          release (scripts/test-matrix.sh)
 #   make run      PostgreSQL + demo data + nginx on 127.0.0.1:8080
 #   make test     install what is missing, build, run the Test::Nginx suites
 #   make test-mutants      deliberate faults in the module, each must fail a
@@ -20,6 +28,15 @@ SHELL        := /bin/bash
 NGINX_SRC    ?= /usr/share/nginx/src
 NGINX        ?= /usr/sbin/nginx
 BUILD        := $(CURDIR)/build
+DESTDIR      ?=
+# Where $(NGINX) loads modules from: its --modules-path, else its
+# <prefix>/modules, else nginx's default prefix's; without an $(NGINX) to
+# ask, Debian's /usr/lib/nginx/modules.
+NGINX_V       = $(shell command -v $(NGINX) >/dev/null && $(NGINX) -V 2>&1)
+MODULES_PATH ?= $(if $(filter configure,$(NGINX_V)),$(or \
+                  $(patsubst --modules-path=%,%,$(filter --modules-path=%,$(NGINX_V))),\
+                  $(patsubst --prefix=%,%/modules,$(filter --prefix=%,$(NGINX_V))),\
+                  /usr/local/nginx/modules),/usr/lib/nginx/modules)
 MODULE       := $(BUILD)/ngx_http_annotation_queue_module.so
 CC_OPT       ?= -g -O2 -fPIC -fstack-protector-strong -D_FORTIFY_SOURCE=2 \
                 -Wall -Wextra -Wno-unused-parameter -Werror
@@ -28,19 +45,33 @@ SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
 .PHONY: all deps run test clean test-mutants coverage test-exclusivity \
-        test-repeat test-pgbouncer-new deb test-deb
+        test-repeat test-pgbouncer-new deb test-deb install test-matrix FORCE
 
 all: $(MODULE)
 
 deps:
 	@scripts/install-deps.sh
 
-$(BUILD)/nginx/Makefile: config
+# Which nginx tree build/ was configured with: another NGINX_SRC configures
+# again.
+$(BUILD)/nginx-src.path: FORCE
+	@mkdir -p $(BUILD)
+	@echo '$(abspath $(NGINX_SRC))' | cmp -s - $@ \
+	    || echo '$(abspath $(NGINX_SRC))' > $@
+
+# Debian's tree (nginx-dev) carries the flags of Debian's nginx in
+# conf_flags; any other tree (a release tarball, or the repository with
+# auto/configure) gets --with-compat alone.
+$(BUILD)/nginx/Makefile: config $(BUILD)/nginx-src.path
 	rm -rf $(BUILD)/nginx-src $(BUILD)/nginx
 	mkdir -p $(BUILD)
 	cp -r $(NGINX_SRC) $(BUILD)/nginx-src
-	cd $(BUILD)/nginx-src && . ./conf_flags && \
-	    ./configure "$${NGX_CONF_FLAGS[@]}" \
+	cd $(BUILD)/nginx-src && \
+	    if [ -f conf_flags ]; then . ./conf_flags; \
+	    else NGX_CONF_FLAGS=(--with-compat); fi && \
+	    if [ -x configure ]; then cfg=./configure; \
+	    else cfg=auto/configure; fi && \
+	    $$cfg "$${NGX_CONF_FLAGS[@]}" \
 	        --with-cc-opt='$(CC_OPT)' --with-ld-opt='$(LD_OPT)' \
 	        --add-dynamic-module=$(CURDIR) \
 	        --builddir=$(BUILD)/nginx > $(BUILD)/configure.log \
@@ -50,6 +81,23 @@ $(MODULE): $(BUILD)/nginx/Makefile $(SOURCES)
 	cd $(BUILD)/nginx-src && $(MAKE) -s -f $(BUILD)/nginx/Makefile modules
 	cp $(BUILD)/nginx/ngx_http_annotation_queue_module.so $(MODULE).tmp
 	mv -f $(MODULE).tmp $(MODULE)
+
+# The module loads only into the nginx version it was built for: refuse to
+# install it beside another.
+install: $(MODULE)
+	@built=$$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' \
+	          $(BUILD)/nginx-src/src/core/nginx.h); \
+	 have=$$($(NGINX) -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p'); \
+	 if [ -n "$$have" ] && [ "$$built" != "$$have" ]; then \
+	     echo "make install: the module is built for nginx $$built," \
+	          "$(NGINX) is $$have (make NGINX_SRC=<nginx-$$have tree>)" >&2; \
+	     exit 1; \
+	 fi
+	install -d $(DESTDIR)$(MODULES_PATH)
+	install -m 644 $(MODULE) $(DESTDIR)$(MODULES_PATH)/
+
+test-matrix: deps
+	@scripts/test-matrix.sh
 
 run: deps $(MODULE)
 	@scripts/run.sh

@@ -75,7 +75,7 @@ my $ngx = AQ::start_nginx(workers => 1, http => <<"_EOC_" . AQ::Faults::status_s
                   '\$annotation_queue_outcome \$annotation_queue_item';
 
     server {
-        listen 127.0.0.1:$port{tls} ssl http2;
+        ${\ AQ::listen_http2("127.0.0.1:$port{tls} ssl") }
         ssl_certificate $cert;
         ssl_certificate_key $certkey;
         access_log $access h2;
@@ -83,13 +83,13 @@ $locations
     }
 
     server {
-        listen 127.0.0.1:$port{h2c} http2;
+        ${\ AQ::listen_http2("127.0.0.1:$port{h2c}") }
         access_log $access h2;
 $locations
     }
 
     server {
-        listen 127.0.0.1:$port{stall} http2;
+        ${\ AQ::listen_http2("127.0.0.1:$port{stall}") }
         client_body_timeout ${\ AQ::Faults::scaled(1) }s;
 $locations
     }
