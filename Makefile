@@ -11,6 +11,8 @@
 #                          release (scripts/test-matrix.sh)
 #   make run      PostgreSQL + demo data + nginx on 127.0.0.1:8080
 #   make test     install what is missing, build, run the Test::Nginx suites
+#   make test-topology     the suites of t/topology/: a real PgBouncer and a
+#                          real streaming standby (CI runs them after make test)
 #   make test-mutants      deliberate faults in the module, each must fail a
 #                          suite (scripts/mutants.sh; lists: src/*.mutants)
 #   make coverage          line and branch coverage of the suites (gcov)
@@ -45,7 +47,7 @@ SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
 .PHONY: all deps run test clean test-mutants coverage test-exclusivity \
-        test-repeat test-pgbouncer-new deb test-deb install test-matrix FORCE
+        test-repeat test-pgbouncer-new deb test-deb test-topology install test-matrix FORCE
 
 all: $(MODULE)
 
@@ -104,6 +106,9 @@ run: deps $(MODULE)
 
 test: deps $(MODULE)
 	@scripts/test.sh
+
+test-topology: deps $(MODULE)
+	@scripts/test.sh t/topology/*.t
 
 test-mutants: deps
 	@scripts/mutants.sh

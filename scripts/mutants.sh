@@ -162,7 +162,7 @@ for my $m (@mutants) {
     push @errors, "$w: the mutant is the original"
         if join("\n", @{ $m->{original} }) eq join("\n", @{ $m->{mutant} });
     for my $s (split ' ', $m->{suites} // '') {
-        push @errors, "$w: suite $s does not exist" unless $s =~ m{^t/[^/]+\.t$} && -f $s;
+        push @errors, "$w: suite $s does not exist" unless $s =~ m{^t/(?:topology/)?[^/]+\.t$} && -f $s;
     }
 }
 

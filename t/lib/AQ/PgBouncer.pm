@@ -2,7 +2,7 @@ package AQ::PgBouncer;
 
 # A real PgBouncer (/usr/sbin/pgbouncer, Debian bookworm's 1.18) in front of
 # the suite's PostgreSQL (the cluster AQ.pm set up: %AQ::PG), for
-# t/160-pgbouncer.t; another build (scripts/build-pgbouncer.sh: trixie's
+# t/topology/160-pgbouncer.t; another build (scripts/build-pgbouncer.sh: trixie's
 # 1.24, for t/manual/pgbouncer-prepared.t) with AQ_PGBOUNCER=/path or
 # start(binary => /path):
 #
@@ -145,7 +145,7 @@ sub write_config {
         %{ $self->{settings} },
     );
     open my $ini, '>', "$d/pgbouncer.ini" or die "AQ::PgBouncer: $d/pgbouncer.ini: $!\n";
-    print $ini "; AQ::PgBouncer (t/160-pgbouncer.t)\n[databases]\n",
+    print $ini "; AQ::PgBouncer (t/topology/160-pgbouncer.t)\n[databases]\n",
                "* = host=$AQ::PG{host} port=$AQ::PG{port}\n\n[pgbouncer]\n";
     print $ini "$_ = $s{$_}\n" for sort keys %s;
     close $ini;

@@ -1,7 +1,7 @@
 package AQ::Standby;
 
 # A PostgreSQL primary and streaming standbys of the suite's own, for the
-# failover suite (t/170-failover.t):
+# failover suite (t/topology/170-failover.t):
 #
 #   BEGIN { require AQ::Standby; AQ::Standby::own_primary() }
 #   use AQ;                               # the suite's database, on it
@@ -288,7 +288,7 @@ sub make_primary {
     my $hba = "$self->{data}/pg_hba.conf";
     open my $fh, '>', $hba or die "AQ::Standby: $hba: $!\n";
     print $fh <<"_HBA_";
-# AQ::Standby (t/170-failover.t): the fixtures and nginx connect as postgres;
+# AQ::Standby (t/topology/170-failover.t): the fixtures and nginx connect as postgres;
 # standbys stream as $AQ::Standby::REPLICATOR
 # TYPE  DATABASE     USER           ADDRESS       METHOD
 local   all          all                          trust
