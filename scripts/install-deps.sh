@@ -61,7 +61,7 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q nginx 2>/dev/n
     systemctl stop nginx || true
 fi
 
-# So does pgbouncer's (on port 6432, enabled at boot); t/160-pgbouncer.t and
+# So does pgbouncer's (on port 6432, enabled at boot); t/topology/160-pgbouncer.t and
 # bench/pgbouncer.sh start PgBouncers of their own.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q pgbouncer 2>/dev/null; then
     systemctl stop pgbouncer || true

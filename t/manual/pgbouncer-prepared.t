@@ -3,7 +3,7 @@
 # max_prepared_statements = 100: PgBouncer tracks the module's
 # protocol-level prepared statements (Parse with a name) and prepares them
 # again on whichever server connection it lends a transaction.  Bookworm's
-# PgBouncer 1.18 cannot (t/160-pgbouncer.t shows its 26000 and why it needs
+# PgBouncer 1.18 cannot (t/topology/160-pgbouncer.t shows its 26000 and why it needs
 # annotation_queue_prepare off there).  The binary is trixie's 1.24, built
 # by scripts/build-pgbouncer.sh; run it with scripts/test-pgbouncer-new.sh
 # (AQ_PGBOUNCER=<binary>; without it the suite skips, so that
@@ -176,7 +176,7 @@ our $shared = pgbouncer(pool_size => 3);
 $ENV{TEST_NGINX_AQ_PGB} = $shared->conninfo;
 
 # ---------------------------------------------------------------------------
-# 64 clients drain a queue (as t/050-concurrency.t and t/160-pgbouncer.t
+# 64 clients drain a queue (as t/050-concurrency.t and t/topology/160-pgbouncer.t
 # do): fresh keys from one pool, one kept-alive connection each, until their
 # first 409.
 
@@ -278,7 +278,7 @@ sub drain {
 # RECONNECT: PgBouncer closes its server connections (at once: they are
 # idle between nginx's transactions), so that the next claim's transaction
 # lands on a new one, where the statements were never prepared.  Through
-# 1.18 that claim failed with 26000 (t/160-pgbouncer.t); here PgBouncer
+# 1.18 that claim failed with 26000 (t/topology/160-pgbouncer.t); here PgBouncer
 # prepares them there first.  Three times, each claim on nginx's one
 # connection.
 
