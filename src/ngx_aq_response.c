@@ -267,6 +267,14 @@ ngx_aq_error_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
+    /* an answer of these locations is never for a cache, nginx's neither */
+
+    if (ngx_aq_add_header(r, &ngx_aq_cache_control, &ngx_aq_no_store)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     r->headers_out.content_type = ngx_aq_content_type;
     r->headers_out.content_type_len = ngx_aq_content_type.len;
     r->headers_out.content_type_lowcase = NULL;
