@@ -62,6 +62,7 @@ typedef enum {
 #define NGX_AQ_QUERY_UNAVAILABLE  1
 #define NGX_AQ_QUERY_SATURATED    2
 #define NGX_AQ_QUERY_TIMEDOUT     3
+#define NGX_AQ_QUERY_FAILED       4     /* 500; the cause is logged */
 
 
 typedef struct ngx_aq_pool_s   ngx_aq_pool_t;

@@ -438,9 +438,10 @@ ngx_aq_pool_batch_done(ngx_aq_conn_t *ac, PGresult *res)
 
     for (i = 0; i < n; i++) {
         if (answer[i]) {
-            /* no result: the request answers 500 internal_error */
+            /* of a wrong shape: 500 internal_error, logged above */
             ngx_aq_query_finish(qs[i], (tuples && !ok) ? NULL : res,
-                                NGX_AQ_QUERY_OK);
+                                (tuples && !ok) ? NGX_AQ_QUERY_FAILED
+                                                : NGX_AQ_QUERY_OK);
         }
     }
 

@@ -411,6 +411,9 @@ ngx_aq_request_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     case NGX_AQ_QUERY_SATURATED:
         return ngx_aq_send_error(r, &ngx_aq_err_wait_timeout);
 
+    case NGX_AQ_QUERY_FAILED:
+        return ngx_aq_send_error(r, &ngx_aq_err_internal);
+
     default: /* NGX_AQ_QUERY_UNAVAILABLE */
         return ngx_aq_send_error(r, &ngx_aq_err_database_unavailable);
     }

@@ -385,6 +385,9 @@ for my $end (qw(commit rollback)) {
         or diag explain $r;
     my $logged = log_lines($ngx, qr/a batch of 2 queries returned 3 rows of 8 columns/);
     is(scalar @$logged, 1, "$what: the cause is logged once") or diag $ngx->error_log;
+    is_deeply(log_lines($ngx, qr/\[error\]/), $logged,
+              "$what: ... and nothing else at [error] (no request logs a missing result)")
+        or diag $ngx->error_log;
 
     $dbh->do(q{UPDATE annotation_queue.items
                   SET status = 'available', claimed_by = NULL, claimed_at = NULL,
