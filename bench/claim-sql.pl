@@ -23,23 +23,37 @@ my $text = do { local $/; <$fh> };
 close $fh;
 
 # The text of a macro: its string literals, and the macros it names (the
-# claims share fragments, NGX_AQ_WALK_*), expanded in place.
+# claims share fragments, NGX_AQ_WALK_*, NGX_AQ_NEXT_SQL("...")), expanded
+# in place; a function-like macro takes one argument, a string literal,
+# whose text replaces its parameter.
+sub unescape {
+    my ($s) = @_;
+    $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
+    return $s;
+}
+
 sub expand {
-    my ($name, $depth) = @_;
+    my ($name, $depth, $arg) = @_;
     die "claim-sql: macros nested too deep at $name\n" if $depth > 8;
-    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E\b((?:[^\n]*\\\n)*[^\n]*)/m
+    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?:\(([a-z_]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
         or die "claim-sql: no #define $name in $header\n";
-    (my $body = $1) =~ s/\\\n/\n/g;
+    my $param = $1;
+    (my $body = $2) =~ s/\\\n/\n/g;
+    die "claim-sql: $name takes an argument\n" if defined $param && !defined $arg;
     my $sql = '';
-    while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)"|([A-Z_][A-Z0-9_]*))}gcs) {
+    while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)"|([A-Z_][A-Z0-9_]*)(?:\s*\(\s*"((?:[^"\\]|\\.)*)"\s*\))?|([a-z_]+))}gcs) {
         if (defined $2) {
-            $sql .= expand($2, $depth + 1);
+            $sql .= expand($2, $depth + 1, defined $3 ? unescape($3) : undef);
+            next;
+        }
+        if (defined $4) {
+            die "claim-sql: $4 in $name is no parameter\n"
+                unless defined $param && $4 eq $param;
+            $sql .= $arg;
             next;
         }
         next unless defined $1;
-        my $s = $1;
-        $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
-        $sql .= $s;
+        $sql .= unescape($1);
     }
     pos($body) //= 0;
     die "claim-sql: cannot parse $name near: "

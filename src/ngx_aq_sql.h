@@ -48,6 +48,44 @@
 
 
 /*
+ * The candidate both claims share, after the walk: for each row of the
+ * walk, the first available item of priorities (lo, hi], then the expired
+ * item of priority lo with the earliest lease; the first "limit" found,
+ * each locked (SKIP LOCKED).  "limit" is SQL text: 1 for the single claim,
+ * the number of keys still to serve for the batch.
+ */
+
+#define NGX_AQ_NEXT_SQL(limit)                                                \
+    "), next AS MATERIALIZED ( "                                              \
+    "    SELECT coalesce(a.id, e.id) AS id, "                                 \
+    "           coalesce(a.version, e.version) AS version "                   \
+    "      FROM walk w "                                                      \
+    "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 1 "                                              \
+    "           AND i.queue_id = $2 AND i.status = 'available' "              \
+    "           AND i.priority <= w.hi AND i.priority > w.lo "                \
+    "         ORDER BY i.priority DESC, i.seq "                               \
+    "         LIMIT " limit " "                                               \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) a ON true "                                                      \
+    "      LEFT JOIN LATERAL ( "                                              \
+    "        SELECT i.id, i.version "                                         \
+    "          FROM annotation_queue.items i "                                \
+    "         WHERE s.kind = 2 AND w.since <= now() "                         \
+    "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
+    "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
+    "         ORDER BY i.lease_expires_at "                                   \
+    "         LIMIT " limit " "                                               \
+    "           FOR UPDATE SKIP LOCKED "                                      \
+    "      ) e ON true "                                                      \
+    "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
+    "     LIMIT " limit " "
+
+
+/*
  * The claim, in one round trip and one implicit transaction:
  *
  *   $1 bytea   SHA-256 of the bearer key
@@ -156,33 +194,7 @@
     "     WHERE EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    "), next AS MATERIALIZED ( "                                              \
-    "    SELECT coalesce(a.id, e.id) AS id, "                                 \
-    "           coalesce(a.version, e.version) AS version "                   \
-    "      FROM walk w "                                                      \
-    "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE s.kind = 1 "                                              \
-    "           AND i.queue_id = $2 AND i.status = 'available' "              \
-    "           AND i.priority <= w.hi AND i.priority > w.lo "                \
-    "         ORDER BY i.priority DESC, i.seq "                               \
-    "         LIMIT 1 "                                                       \
-    "           FOR UPDATE SKIP LOCKED "                                      \
-    "      ) a ON true "                                                      \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE s.kind = 2 AND w.since <= now() "                         \
-    "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
-    "         ORDER BY i.lease_expires_at "                                   \
-    "         LIMIT 1 "                                                       \
-    "           FOR UPDATE SKIP LOCKED "                                      \
-    "      ) e ON true "                                                      \
-    "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
-    "     LIMIT 1 "                                                           \
+    NGX_AQ_NEXT_SQL("1")                                                  \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
@@ -280,33 +292,7 @@
     NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    "), next AS MATERIALIZED ( "                                              \
-    "    SELECT coalesce(a.id, e.id) AS id, "                                 \
-    "           coalesce(a.version, e.version) AS version "                   \
-    "      FROM walk w "                                                      \
-    "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE s.kind = 1 "                                              \
-    "           AND i.queue_id = $2 AND i.status = 'available' "              \
-    "           AND i.priority <= w.hi AND i.priority > w.lo "                \
-    "         ORDER BY i.priority DESC, i.seq "                               \
-    "         LIMIT (SELECT count(*) FROM need) "                             \
-    "           FOR UPDATE SKIP LOCKED "                                      \
-    "      ) a ON true "                                                      \
-    "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
-    "          FROM annotation_queue.items i "                                \
-    "         WHERE s.kind = 2 AND w.since <= now() "                         \
-    "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
-    "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
-    "         ORDER BY i.lease_expires_at "                                   \
-    "         LIMIT (SELECT count(*) FROM need) "                             \
-    "           FOR UPDATE SKIP LOCKED "                                      \
-    "      ) e ON true "                                                      \
-    "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
-    "     LIMIT (SELECT count(*) FROM need) "                                 \
+    NGX_AQ_NEXT_SQL("(SELECT count(*) FROM need)")                        \
     "), cand AS MATERIALIZED ( "                                              \
     "    SELECT id, version, row_number() OVER () AS n "                      \
     "      FROM next "                                                        \
