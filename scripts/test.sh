@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the Test::Nginx suites of t/ against the built module.
 #
-#   scripts/test.sh                  all suites (prove -r t/)
+#   scripts/test.sh                  the suites of t/*.t (make test)
+#   scripts/test.sh t/topology/*.t   the topology suites (make test-topology)
 #   scripts/test.sh t/010-claim.t    some suites
 #   scripts/test.sh -v t/020-auth.t  options are passed to prove
 #
