@@ -131,7 +131,9 @@ sub run {
                 _write_state($state, 'carried', ++$carried);
                 next;
             }
+            # closed already, with its peer, earlier in this round
             my $fd = fileno $s;
+            next unless defined $fd && $sock{$fd};
             my $n = sysread $s, my $buf, 65536;
             if (!$n) {
                 my $o = $peer{$fd};
