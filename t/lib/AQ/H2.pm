@@ -21,6 +21,7 @@ package AQ::H2;
 use strict;
 use warnings;
 
+use File::Path ();
 use File::Temp qw(tempdir);
 use JSON::PP ();
 use POSIX ();
@@ -117,6 +118,7 @@ sub curl {
     $r->{body} = _slurp("$dir/body");
     $r->{version} = $version;
     $r->{error} = $rc ? "curl exit $rc: " . _slurp("$dir/err") : undef;
+    File::Path::remove_tree($dir);    # CLEANUP misses forked callers
     return $r;
 }
 
@@ -186,6 +188,7 @@ sub curl_parallel {
     my $err = $rc ? "curl exit $rc: "
                     . join("\n", _slurp("$dir/err") =~ /(curl: \(\d+\)[^\n]*)/g)
                   : undef;
+    File::Path::remove_tree($dir);    # CLEANUP misses forked callers
     return (\@res, $err);
 }
 
@@ -224,6 +227,7 @@ sub h2load {
         $r{status}{$2} = $1 while $l =~ /(\d+) (\dxx)/g;
     }
     ($r{protocol}) = $text =~ /^Application protocol: (\S+)/m;
+    File::Path::remove_tree($dir);    # CLEANUP misses forked callers
     return \%r;
 }
 
