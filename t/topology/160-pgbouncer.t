@@ -63,6 +63,8 @@ BEGIN { require AQ::Faults; AQ::Faults::own_cluster() }
 use AQ;
 use AQ::Faults;
 use AQ::PgBouncer;
+use AQ::PgBouncer::Checks qw(claim lock_waiters timeout_cancels log_errors
+                            statement_timeout_through);
 use AQ::Workflow;
 use JSON::PP ();
 use Test::Nginx::Socket 'no_plan';
@@ -94,14 +96,6 @@ sub nginx_via {
                            http => $http);
 }
 
-# One claim on a new client connection: (outcome, seconds, body, headers).
-sub claim {
-    my ($ngx, $queue, $key) = @_;
-    my $c = AQ::Client->new(port => $ngx->port, timeout => 20);
-    my $t0 = time;
-    my ($status, $h, $body, $err) = $c->claim($queue, $key);
-    return (AQ::Faults::outcome($status, $body, $err), time - $t0, $body, $h);
-}
 
 # A claim sent, not read: the client.
 sub send_claim {
@@ -120,20 +114,7 @@ sub read_outcome {
 
 sub item_of { my $d = AQ::Faults::decode($_[0]); return $d && ref $d->{item} ? $d->{item} : {} }
 
-# Backends of the suite's database waiting on a lock (the module's claims
-# behind AQ::Faults::lock_items; the locker itself does not wait).
-sub lock_waiters {
-    return scalar AQ::Faults::db()->selectrow_array(
-        q{SELECT count(*) FROM pg_stat_activity
-           WHERE datname = current_database() AND wait_event_type = 'Lock'});
-}
 
-# Lines of the server's log that say statement_timeout cancelled a
-# statement.
-sub timeout_cancels {
-    my $n = () = AQ::Faults::pg_log() =~ /ERROR:  canceling statement due to statement timeout/g;
-    return $n;
-}
 
 sub pool_text {
     my ($pgb) = @_;
@@ -142,12 +123,6 @@ sub pool_text {
                      qw(cl_active cl_waiting sv_active sv_idle sv_used sv_login);
 }
 
-# The error log's lines at [error] and above, but those matching $allow.
-sub log_errors {
-    my ($ngx, $allow) = @_;
-    return [grep { /\[(?:error|alert|crit|emerg)\]|exited on signal/ && !($allow && /$allow/) }
-            split /\n/, $ngx->error_log];
-}
 
 my $LATE = 2 * AQ::slow();    # how late after its timer an answer may come
 
@@ -254,53 +229,9 @@ for my $case (['session', 'local'], ['transaction', 'local'], ['transaction', 'o
     my $ngx = nginx_via($pgb{$mode}, mode => $settings, query => $TIMEOUT,
                         connect => AQ::Faults::scaled(3));
 
-    my ($warm, undef, $wb) = claim($ngx, $queue, key_of("$what warm"));
-    is($warm, '200 item', "$what: a first claim answers 200") or diag $wb;
-
-    my $cancels = timeout_cancels();
-    my $locker = AQ::Faults::lock_items(AQ::Faults::session());
-    my ($out, $took, $body, $h) = claim($ngx, $queue, key_of("$what blocked"));
-    is($out, '504 query_timeout', "$what: a claim blocked by a row lock gets 504 query_timeout")
-        or diag $body;
-    like($h->{'content-type'} // '', qr{^application/json}, "$what: ... as JSON");
-    cmp_ok($took, '<', $TIMEOUT + $LATE, "$what: ... at the query timeout ("
-                                         . sprintf('%.3f s', $took) . ')');
-
-    if (!$control) {
-        my $gone = AQ::Faults::wait_until(5, sub {
-            lock_waiters() == 0 && timeout_cancels() > $cancels });
-        ok($gone, "$what: with the lock still held, PostgreSQL cancelled the statement itself: "
-                  . '"canceling statement due to statement timeout" in its log, '
-                  . 'no backend waits on the lock')
-            or diag 'lock waiters ' . lock_waiters() . ', cancels ' . timeout_cancels()
-                    . " (before $cancels)";
-        is(timeout_cancels(), $cancels + 1, "$what: ... exactly one statement cancelled");
-    } else {
-        sleep 1;
-        is(lock_waiters(), 1, "$what: 1 s after the 504 the statement still waits on the lock "
-                              . '(so the check can tell the server\'s timeout from nginx\'s)');
-        is(timeout_cancels(), $cancels, "$what: ... and PostgreSQL cancelled nothing");
-    }
-    $locker->rollback;
-
-    if ($control) {
-        # the lingering statement runs once the lock is gone, and commits
-        my $key_id = AQ::key_id(key_of("$what blocked"));
-        ok(AQ::Faults::wait_until(5, sub {
-               (AQ::item($ids->[1])->{claimed_by} // '') eq $key_id }),
-           "$what: once the lock is gone, the lingering statement commits the claim "
-           . 'answered 504 (what the server-side timeout prevents)');
-    } else {
-        is_deeply(AQ::counts($queue), { available => 3, claimed => 1, completed => 0 },
-                  "$what: the cancelled claim took nothing");
-    }
-    my ($next, undef, $nb) = claim($ngx, $queue, key_of("$what next"));
-    is($next, '200 item', "$what: the next claim answers 200") or diag $nb;
-    is_deeply([AQ::Faults::claim_problems(key_of("$what next"), $nb)], [],
-              "$what: ... held by its key at the version answered");
-    $ngx->stop;
-    is_deeply(log_errors($ngx, qr/PostgreSQL query timed out, closing the connection/), [],
-              "$what: no error in the error log but the query timeout's");
+    statement_timeout_through(what => $what, ngx => $ngx, queue => $queue, ids => $ids,
+                              key => \&key_of, control => $control,
+                              timeout => $TIMEOUT, late => $LATE);
 }
 
 # ---------------------------------------------------------------------------
