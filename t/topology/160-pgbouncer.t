@@ -64,7 +64,7 @@ use AQ;
 use AQ::Faults;
 use AQ::PgBouncer;
 use AQ::PgBouncer::Checks qw(claim lock_waiters timeout_cancels log_errors
-                            statement_timeout_through);
+                            statement_timeout_through drain);
 use AQ::Workflow;
 use JSON::PP ();
 use Test::Nginx::Socket 'no_plan';
@@ -142,32 +142,8 @@ $ENV{TEST_NGINX_AQ_PGB_TRANSACTION} = $pgb{transaction}->conninfo;
 
 # ---------------------------------------------------------------------------
 # 64 clients drain a queue (as t/050-concurrency.t does): fresh keys from
-# one pool, one kept-alive connection each, until their first 409.
-
-sub drain {
-    my ($ngx, $queue, $items, $clients) = @_;
-    my $pool = AQ::key_pool($org, $items + 2 * $clients);
-    return AQ::parallel($clients, sub {
-        my $c = AQ::Client->new(port => $ngx->port, timeout => 20);
-        my %r = (claims => [], errors => [], connects => 0);
-        while (defined(my $key = $pool->take)) {
-            $r{connects}++ unless $c->connected;
-            my ($status, undef, $body, $err) = $c->claim($queue, $key);
-            my $doc = AQ::Faults::decode($body);
-            if ($status == 200 && $doc && $doc->{success} && ref $doc->{item}) {
-                push @{ $r{claims} }, [$key, $doc->{item}{id}, $doc->{item}{version}];
-            } elsif ($status == 409 && (AQ::Faults::error_code($body) // '') eq 'no_items_available') {
-                $r{empty_at} = time;
-                return \%r;
-            } else {
-                push @{ $r{errors} }, AQ::Faults::outcome($status, $body, $err);
-                last if @{ $r{errors} } >= 3;
-            }
-        }
-        $r{out_of_keys} = 1 unless @{ $r{errors} };
-        return \%r;
-    });
-}
+# one pool, one kept-alive connection each, until their first 409
+# (AQ::PgBouncer::Checks::drain).
 
 for my $mode (qw(session transaction)) {
     my $what = "$mode mode, 64 clients, 2 workers";
@@ -176,7 +152,7 @@ for my $mode (qw(session transaction)) {
     AQ::enqueue_many($queue, $items);
     my $ngx = nginx_via($pgb{$mode}, workers => 2, pool => 4);
     my $t0 = time;
-    my $results = drain($ngx, $queue, $items, 64);
+    my $results = drain($org, $ngx, $queue, $items, 64);
     Test::More::note sprintf '%s: %d claims in %.2f s', $what, $items, time - $t0;
 
     my @errors = map { @{ $_->{errors} || [] }, ($_->{died} ? "died: $_->{died}" : ()) } @$results;

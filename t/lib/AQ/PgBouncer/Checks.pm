@@ -15,7 +15,7 @@ use Test::More;    # no plan here: the suites have theirs
 use Time::HiRes qw(time);
 
 our @EXPORT_OK = qw(claim lock_waiters timeout_cancels log_errors
-                    statement_timeout_through);
+                    statement_timeout_through drain);
 
 # One claim on a new client connection: (outcome, seconds, body, headers).
 sub claim {
@@ -109,6 +109,36 @@ sub statement_timeout_through {
     $ngx->stop;
     is_deeply(log_errors($ngx, qr/PostgreSQL query timed out, closing the connection/), [],
               "$what: no error in the error log but the query timeout's");
+}
+
+# $clients clients of $org drain $queue ($items items) through $ngx: fresh
+# keys from one pool, one kept-alive connection each, until their first
+# 409.  Each client's { claims => [[key, item, version], ...], errors,
+# connects, answers, empty_at, out_of_keys }.
+sub drain {
+    my ($org, $ngx, $queue, $items, $clients) = @_;
+    my $pool = AQ::key_pool($org, $items + 2 * $clients);
+    return AQ::parallel($clients, sub {
+        my $c = AQ::Client->new(port => $ngx->port, timeout => 20);
+        my %r = (claims => [], errors => [], connects => 0, answers => 0);
+        while (defined(my $key = $pool->take)) {
+            $r{connects}++ unless $c->connected;
+            my ($status, undef, $body, $err) = $c->claim($queue, $key);
+            $r{answers}++;
+            my $doc = AQ::Faults::decode($body);
+            if ($status == 200 && $doc && $doc->{success} && ref $doc->{item}) {
+                push @{ $r{claims} }, [$key, $doc->{item}{id}, $doc->{item}{version}];
+            } elsif ($status == 409 && (AQ::Faults::error_code($body) // '') eq 'no_items_available') {
+                $r{empty_at} = time;
+                return \%r;
+            } else {
+                push @{ $r{errors} }, AQ::Faults::outcome($status, $body, $err);
+                last if @{ $r{errors} } >= 3;
+            }
+        }
+        $r{out_of_keys} = 1 unless @{ $r{errors} };
+        return \%r;
+    });
 }
 
 1;
