@@ -17,6 +17,10 @@
  * list, tried in order.  Addresses, unix socket directories and
  * "localhost" are left to libpq (no network); a conninfo that gives
  * "hostaddr" itself is left as it is.
+ *
+ * The entries are kept for the connect: when the conninfo has a
+ * connect_timeout, ngx_aq_conn.c applies it host by host, and goes on with
+ * the entries after a silent one (ngx_aq_hosts_lists(), _current()).
  */
 
 
