@@ -93,6 +93,13 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       0,
       (void *) &ngx_aq_complete_action },
 
+    { ngx_string("annotation_queue_skip"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_annotation_queue_action,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      (void *) &ngx_aq_skip_action },
+
     { ngx_string("annotation_queue_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_annotation_queue_status,

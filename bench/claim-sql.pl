@@ -23,33 +23,47 @@ my $text = do { local $/; <$fh> };
 close $fh;
 
 # The text of a macro: its string literals, and the macros it names (the
-# claims share fragments, NGX_AQ_WALK_*, NGX_AQ_NEXT_SQL("...")), expanded
-# in place; a function-like macro takes one argument, a string literal,
-# whose text replaces its parameter.
+# claims share fragments, NGX_AQ_WALK_*, NGX_AQ_NEXT_SQL("...", NAME)),
+# expanded in place; a function-like macro's arguments are string literals
+# or macro names, whose text replaces its parameters.
 sub unescape {
     my ($s) = @_;
     $s =~ s/\\(["\\'?nt])/$1 eq 'n' ? "\n" : $1 eq 't' ? "\t" : $1/ge;
     return $s;
 }
 
+my $STR = qr/"(?:[^"\\]|\\.)*"/;
+my $ARG = qr/(?:$STR|[A-Z_][A-Z0-9_]*)/;
+
+sub arg_text {
+    my ($a, $depth) = @_;
+    return unescape(substr($a, 1, -1)) if $a =~ /\A"/;
+    return expand($a, $depth + 1, []);
+}
+
 sub expand {
-    my ($name, $depth, $arg) = @_;
+    my ($name, $depth, $args) = @_;
     die "claim-sql: macros nested too deep at $name\n" if $depth > 8;
-    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?:\(([a-z_]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
+    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?:\(([a-z_, ]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
         or die "claim-sql: no #define $name in $header\n";
-    my $param = $1;
+    my @params = defined $1 ? split(/\s*,\s*/, $1) : ();
     (my $body = $2) =~ s/\\\n/\n/g;
-    die "claim-sql: $name takes an argument\n" if defined $param && !defined $arg;
+    die "claim-sql: $name takes " . scalar(@params) . " arguments\n"
+        if @params != @{ $args // [] };
+    my %arg;
+    @arg{@params} = @$args;
     my $sql = '';
-    while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)"|([A-Z_][A-Z0-9_]*)(?:\s*\(\s*"((?:[^"\\]|\\.)*)"\s*\))?|([a-z_]+))}gcs) {
+    while ($body =~ m{\G(?:\s+|/\*.*?\*/|"((?:[^"\\]|\\.)*)"|([A-Z_][A-Z0-9_]*)(?:\s*\(\s*($ARG(?:\s*,\s*$ARG)*)\s*\))?|([a-z_]+))}gcs) {
         if (defined $2) {
-            $sql .= expand($2, $depth + 1, defined $3 ? unescape($3) : undef);
+            my ($m, $list) = ($2, $3);
+            my @a = defined $list ? ($list =~ /($ARG)/g) : ();
+            $sql .= expand($m, $depth + 1, [map { arg_text($_, $depth) } @a]);
             next;
         }
         if (defined $4) {
             die "claim-sql: $4 in $name is no parameter\n"
-                unless defined $param && $4 eq $param;
-            $sql .= $arg;
+                unless exists $arg{$4};
+            $sql .= $arg{$4};
             next;
         }
         next unless defined $1;
@@ -62,7 +76,7 @@ sub expand {
     return $sql;
 }
 
-my $sql = expand($macro, 0);
+my $sql = expand($macro, 0, []);
 die "claim-sql: $macro is empty\n" if $sql eq '';
 
 if ($pgbench) {

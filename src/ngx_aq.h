@@ -47,6 +47,7 @@ typedef enum {
     NGX_AQ_STMT_RELEASE,
     NGX_AQ_STMT_COMPLETE,
     NGX_AQ_STMT_CLAIM_BATCH,
+    NGX_AQ_STMT_SKIP,
     NGX_AQ_NSTMTS
 } ngx_aq_stmt_e;
 
@@ -99,6 +100,9 @@ typedef struct {
 
     /* a failure that undid the statement and that running it again removes */
     ngx_uint_t              (*retryable)(PGresult *res);
+
+    /* an answer that committed a step and asks for the statement again */
+    ngx_uint_t              (*again)(PGresult *res);
 } ngx_aq_rules_t;
 
 
@@ -357,6 +361,7 @@ extern const ngx_aq_action_t  ngx_aq_claim_action;
 extern const ngx_aq_action_t  ngx_aq_extend_action;
 extern const ngx_aq_action_t  ngx_aq_release_action;
 extern const ngx_aq_action_t  ngx_aq_complete_action;
+extern const ngx_aq_action_t  ngx_aq_skip_action;
 
 
 extern ngx_module_t  ngx_http_annotation_queue_module;

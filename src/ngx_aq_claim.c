@@ -19,13 +19,18 @@ static void ngx_aq_claim_batch_params(ngx_aq_query_t **qs, ngx_uint_t n,
 static ngx_uint_t ngx_aq_claim_batch_fits(PGresult *res, ngx_uint_t n);
 static ngx_uint_t ngx_aq_claim_batch_rerun(PGresult *res, ngx_uint_t i);
 static ngx_uint_t ngx_aq_claim_retryable(PGresult *res);
+static ngx_uint_t ngx_aq_claim_again(PGresult *res);
 
 
 /* the claim's columns, in the single claim and the batch alike */
 #define NGX_AQ_CLAIM_KEY_OK       0
 #define NGX_AQ_CLAIM_QUEUE_OK     1
 #define NGX_AQ_CLAIM_ID           2
-#define NGX_AQ_CLAIM_COLUMNS      8
+#define NGX_AQ_CLAIM_OVERLAP      8
+#define NGX_AQ_CLAIM_COMPLETED    9
+#define NGX_AQ_CLAIM_AGAIN        10
+#define NGX_AQ_CLAIM_NEXT_LEASE   11
+#define NGX_AQ_CLAIM_COLUMNS      12
 
 
 static const ngx_aq_rules_t  ngx_aq_claim_rules = {
@@ -34,7 +39,8 @@ static const ngx_aq_rules_t  ngx_aq_claim_rules = {
     ngx_aq_claim_batch_params,
     ngx_aq_claim_batch_fits,
     ngx_aq_claim_batch_rerun,
-    ngx_aq_claim_retryable
+    ngx_aq_claim_retryable,
+    ngx_aq_claim_again
 };
 
 
@@ -72,11 +78,14 @@ ngx_aq_claim_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
 
 /*
  * Columns: key_ok, queue_ok, id, queue_id, payload, version, claimed_at,
- * lease_expires_at.  The answer:
+ * lease_expires_at, the queue's overlap, the item's completed slots, again
+ * (ngx_aq_claim_again), the milliseconds to the queue's next lease end
+ * (without an item).  The answer:
  *
  * {"success":true,"item":{"id":..,"queue_id":..,"payload":..,"version":..,
- * "claimed_at":..,"lease_expires_at":..}}; the payload is PostgreSQL's own
- * JSON text of the jsonb, copied as it is (no number loses precision).
+ * "claimed_at":..,"lease_expires_at":..,"overlap":{"required":..,
+ * "completed":..}}}; the payload is PostgreSQL's own JSON text of the
+ * jsonb, copied as it is (no number loses precision).
  */
 
 static ngx_int_t
@@ -86,7 +95,7 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     int          i, row;
     size_t       len;
     u_char      *body, *p;
-    ngx_str_t    v[6];
+    ngx_str_t    v[8];
 
     static const char  *names[] = {
         "{\"success\":true,\"item\":{\"id\":\"",
@@ -94,7 +103,9 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         "\",\"payload\":",
         ",\"version\":",
         ",\"claimed_at\":\"",
-        "\",\"lease_expires_at\":\""
+        "\",\"lease_expires_at\":\"",
+        "\",\"overlap\":{\"required\":",
+        ",\"completed\":"
     };
 
     /* a batch answers several requests, a row each */
@@ -116,9 +127,9 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
         return ngx_aq_send_error(r, &ngx_aq_err_no_items_available);
     }
 
-    len = sizeof("\"}}") - 1;
+    len = sizeof("}}}") - 1;
 
-    for (i = 0; i < 6; i++) {
+    for (i = 0; i < 8; i++) {
         v[i].data = (u_char *) PQgetvalue(res, row, i + 2);
         v[i].len = PQgetlength(res, row, i + 2);
         len += ngx_strlen(names[i]) + v[i].len;
@@ -131,12 +142,12 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 
     p = body;
 
-    for (i = 0; i < 6; i++) {
+    for (i = 0; i < 8; i++) {
         p = ngx_cpymem(p, names[i], ngx_strlen(names[i]));
         p = ngx_cpymem(p, v[i].data, v[i].len);
     }
 
-    p = ngx_cpymem(p, "\"}}", sizeof("\"}}") - 1);
+    p = ngx_cpymem(p, "}}}", sizeof("}}}") - 1);
 
     /* the item id, for $annotation_queue_item */
 
@@ -245,4 +256,22 @@ ngx_aq_claim_retryable(PGresult *res)
     return ngx_strcmp(sqlstate, "23505") == 0
            || ngx_strcmp(sqlstate, "40P01") == 0
            || ngx_strcmp(sqlstate, "40001") == 0;
+}
+
+
+/*
+ * The claim met a slot whose lease expired for the last time its queue
+ * allows, marked it failed and took nothing: that is committed, and the
+ * claim runs again for the next candidate (each run fails a slot at most
+ * once, so the runs end).
+ */
+
+static ngx_uint_t
+ngx_aq_claim_again(PGresult *res)
+{
+    return res != NULL
+           && PQresultStatus(res) == PGRES_TUPLES_OK
+           && PQntuples(res) == 1
+           && PQnfields(res) == NGX_AQ_CLAIM_COLUMNS
+           && PQgetvalue(res, 0, NGX_AQ_CLAIM_AGAIN)[0] == 't';
 }

@@ -6,6 +6,8 @@
  *   extend     {"item_id", "version"}            the lease starts again
  *   release    {"item_id", "version"}            back to the queue now
  *   complete   {"item_id", "version", "result"}  done, with a result object
+ *   skip       {"item_id", "version"}            back to the queue, never
+ *                                                to this key again
  *
  * A version that no longer matches, or an item the key no longer holds,
  * answers 409 stale_claim; an item unknown to the key's organisation, 404.
@@ -42,6 +44,15 @@ const ngx_aq_action_t  ngx_aq_release_action = {
 const ngx_aq_action_t  ngx_aq_complete_action = {
     "complete",
     NGX_AQ_STMT_COMPLETE,
+    ngx_aq_item_parse,
+    ngx_aq_item_respond,
+    NULL
+};
+
+
+const ngx_aq_action_t  ngx_aq_skip_action = {
+    "skip",
+    NGX_AQ_STMT_SKIP,
     ngx_aq_item_parse,
     ngx_aq_item_respond,
     NULL
@@ -148,6 +159,7 @@ ngx_aq_item_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 
     ctx->outcome = (ctx->action == &ngx_aq_extend_action) ? "extended"
                    : (ctx->action == &ngx_aq_release_action) ? "released"
+                   : (ctx->action == &ngx_aq_skip_action) ? "skipped"
                    : "completed";
 
     return ngx_aq_send_json(r, NGX_HTTP_OK, body, p - body);

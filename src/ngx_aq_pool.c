@@ -453,8 +453,11 @@ ngx_aq_pool_batch_done(ngx_aq_conn_t *ac, PGresult *res)
 
 /*
  * A query that failed in a way its rules say running it again removes
- * (nothing of it was committed): it is run again, once, on the same
- * connection.  1: the query is taken care of; 0: res is its answer.
+ * (nothing of it was committed) is run again, once, on the same
+ * connection; one whose answer says it committed a step and must run again
+ * (a claim that marked a slot failed), as often as it says so: each time
+ * is a step no later run takes again.  1: the query is taken care of; 0:
+ * res is its answer.
  */
 
 static ngx_int_t
@@ -463,21 +466,28 @@ ngx_aq_pool_rerun(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
     ngx_int_t       rc;
     ngx_aq_pool_t  *pool;
 
-    if (q->retried
-        || q->rules == NULL
-        || !q->rules->retryable(res)
-        || !ngx_aq_conn_clean(ac))
-    {
+    if (q->rules == NULL || !ngx_aq_conn_clean(ac)) {
         return 0;
     }
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
-                   "annotation queue: statement rolled back (%s), "
-                   "running it again",
-                   PQresultErrorField(res, PG_DIAG_SQLSTATE));
+    if (q->rules->again(res)) {
+        /* it committed a step of its own and took nothing: no limit */
+
+        ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                       "annotation queue: statement asks to run again");
+
+    } else if (!q->retried && q->rules->retryable(res)) {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
+                       "annotation queue: statement rolled back (%s), "
+                       "running it again",
+                       PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        q->retried = 1;
+
+    } else {
+        return 0;
+    }
 
     PQclear(res);
-    q->retried = 1;
 
     if (ngx_aq_pool_run(ac, &q, 1) == NGX_OK) {
         return 1;

@@ -55,34 +55,90 @@
  * the number of keys still to serve for the batch.
  */
 
-#define NGX_AQ_NEXT_SQL(limit)                                                \
+#define NGX_AQ_NEXT_SQL(limit, exclude)                                       \
     "), next AS MATERIALIZED ( "                                              \
     "    SELECT coalesce(a.id, e.id) AS id, "                                 \
+    "           coalesce(a.slot, e.slot) AS slot, "                           \
     "           coalesce(a.version, e.version) AS version "                   \
     "      FROM walk w "                                                      \
     "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
     "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
+    "        SELECT i.id, i.slot, i.version "                                 \
     "          FROM annotation_queue.items i "                                \
     "         WHERE s.kind = 1 "                                              \
     "           AND i.queue_id = $2 AND i.status = 'available' "              \
     "           AND i.priority <= w.hi AND i.priority > w.lo "                \
+    exclude                                                                   \
     "         ORDER BY i.priority DESC, i.seq "                               \
     "         LIMIT " limit " "                                               \
     "           FOR UPDATE SKIP LOCKED "                                      \
     "      ) a ON true "                                                      \
     "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.version "                                         \
+    "        SELECT i.id, i.slot, i.version "                                 \
     "          FROM annotation_queue.items i "                                \
     "         WHERE s.kind = 2 AND w.since <= now() "                         \
     "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
     "           AND i.priority = s.lo AND i.lease_expires_at <= now() "       \
+    exclude                                                                   \
     "         ORDER BY i.lease_expires_at "                                   \
     "         LIMIT " limit " "                                               \
     "           FOR UPDATE SKIP LOCKED "                                      \
     "      ) e ON true "                                                      \
     "     WHERE a.id IS NOT NULL OR e.id IS NOT NULL "                        \
     "     LIMIT " limit " "
+
+
+/*
+ * The single claim's candidates leave out the items the key may no longer
+ * take (annotation_queue.exclusions: a slot of the item it took in a queue
+ * of overlap > 1, or the item it skipped): one probe of the table's
+ * primary key per candidate.  The batch serves no key that has any (need).
+ */
+
+#define NGX_AQ_EXCLUDE_SQL                                                    \
+    "           AND NOT EXISTS ( "                                            \
+    "               SELECT 1 FROM annotation_queue.exclusions x "             \
+    "                WHERE x.item_id = i.id "                                 \
+    "                  AND x.key_id = (SELECT id FROM k)) "
+
+
+/*
+ * A claim that takes a slot whose lease expired counts an expiry; the one
+ * that would count its queue's max_attempts-th marks the slot failed and
+ * takes nothing (the module runs the claim again).  q is the claim's queue.
+ */
+
+#define NGX_AQ_FAILS_SQL                                                      \
+    "(i.status = 'claimed' AND i.expirations + 1 >= q.max_attempts) "
+
+#define NGX_AQ_CLAIM_SET_SQL(key)                                             \
+    "       SET status = CASE WHEN " NGX_AQ_FAILS_SQL                         \
+    "                         THEN 'failed' ELSE 'claimed' END, "             \
+    "           claimed_by = CASE WHEN " NGX_AQ_FAILS_SQL                     \
+    "                             THEN NULL ELSE " key " END, "               \
+    "           claimed_at = CASE WHEN " NGX_AQ_FAILS_SQL                     \
+    "                             THEN NULL ELSE now() END, "                 \
+    "           lease_expires_at = CASE WHEN " NGX_AQ_FAILS_SQL               \
+    "                                   THEN NULL ELSE now() + q.lease END, " \
+    "           version = i.version + 1, "                                    \
+    "           attempts = i.attempts + 1, "                                  \
+    "           expirations = i.expirations "                                 \
+    "                         + (i.status = 'claimed')::int "
+
+
+/*
+ * What both claims answer besides the item: the queue's overlap, and for
+ * an overlap above 1 the item's completed slots (r is the answer's item,
+ * q the queue).
+ */
+
+#define NGX_AQ_OVERLAP_SQL(r)                                                 \
+    "       (SELECT overlap FROM q), "                                        \
+    "       CASE WHEN " r ".id IS NULL THEN NULL "                            \
+    "            WHEN (SELECT overlap FROM q) = 1 THEN 0 "                    \
+    "            ELSE (SELECT count(*) FROM annotation_queue.items c "        \
+    "                   WHERE c.id = " r ".id AND c.queue_id = $2 "           \
+    "                     AND c.status = 'completed') END, "
 
 
 /*
@@ -161,7 +217,7 @@
     "       AND (expires_at IS NULL OR expires_at > now()) "                  \
     "), q AS ( "                                                              \
     "    SELECT q.id, coalesce(q.lease, $3 * interval '1 millisecond') "      \
-    "           AS lease "                                                    \
+    "           AS lease, q.overlap, q.max_attempts "                         \
     "      FROM annotation_queue.queues q, k "                                \
     "     WHERE q.id = $2 AND q.org_id = k.org_id "                           \
     "), mine AS MATERIALIZED ( "                                              \
@@ -181,7 +237,7 @@
     "       AND coalesce(i.lease_expires_at, '-infinity') > now() "           \
     "       FOR SHARE SKIP LOCKED "                                           \
     "), mine_expired AS MATERIALIZED ( "                                      \
-    "    SELECT i.id, i.version "                                             \
+    "    SELECT i.id, i.slot, i.version "                                     \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.id = (SELECT id FROM mine "                                 \
     "                    WHERE lease_expires_at <= now()) "                   \
@@ -194,7 +250,7 @@
     "     WHERE EXISTS (SELECT 1 FROM q) "                                    \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    NGX_AQ_NEXT_SQL("1")                                                  \
+    NGX_AQ_NEXT_SQL("1", NGX_AQ_EXCLUDE_SQL)                                  \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
@@ -202,17 +258,24 @@
     "    LIMIT 1 "                                                            \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
-    "       SET status = 'claimed', claimed_by = k.id, claimed_at = now(), "  \
-    "           lease_expires_at = now() + q.lease, "                         \
-    "           version = i.version + 1, "                                    \
-    "           attempts = i.attempts + 1 "                                   \
+    NGX_AQ_CLAIM_SET_SQL("k.id")                                              \
     "      FROM cand, k, q "                                                  \
-    "     WHERE i.id = cand.id AND i.version = cand.version "                 \
-    "       AND i.queue_id = $2 "                                             \
-    "    RETURNING i.id, i.queue_id, i.payload, i.version, i.claimed_at, "    \
-    "              i.lease_expires_at "                                       \
+    "     WHERE i.id = cand.id AND i.slot = cand.slot "                       \
+    "       AND i.version = cand.version AND i.queue_id = $2 "                \
+    "    RETURNING i.id, i.slot, i.queue_id, i.payload, i.version, "          \
+    "              i.claimed_at, i.lease_expires_at, i.status "               \
+    "), noted AS ( "                                                          \
+    "    INSERT INTO annotation_queue.exclusions "                            \
+    "           (item_id, key_id, queue_id, reason) "                         \
+    "    SELECT c.id, k.id, $2, 'claimed' "                                   \
+    "      FROM claimed c, k, q "                                             \
+    "     WHERE q.overlap > 1 AND c.status = 'claimed' "                      \
+    "    ON CONFLICT DO NOTHING "                                             \
     "), r AS ( "                                                              \
-    "    SELECT * FROM claimed "                                              \
+    "    SELECT id, queue_id, payload, version, claimed_at, "                 \
+    "           lease_expires_at "                                            \
+    "      FROM claimed "                                                     \
+    "     WHERE status = 'claimed' "                                          \
     "    UNION ALL "                                                          \
     "    SELECT * FROM held "                                                 \
     ") "                                                                      \
@@ -222,11 +285,16 @@
     "       to_char(r.claimed_at AT TIME ZONE 'UTC', "                        \
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
     "       to_char(r.lease_expires_at AT TIME ZONE 'UTC', "                  \
-    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
+    NGX_AQ_OVERLAP_SQL("r")                                                   \
+    "       r.id IS NULL "                                                    \
+    "       AND EXISTS (SELECT 1 FROM claimed WHERE status = 'failed'), "     \
+    "       CASE WHEN r.id IS NULL THEN "                                     \
+    "           (SELECT ceil(extract(epoch FROM min(w.since) - now()) "       \
+    "                        * 1000)::int8 "                                  \
+    "              FROM walk w WHERE w.since > now()) END "                   \
     "  FROM (SELECT 1) AS one "                                               \
     "  LEFT JOIN r ON true "
-
-
 
 
 /*
@@ -261,7 +329,8 @@
     "       AND (a.expires_at IS NULL OR a.expires_at > now()) "              \
     "), q AS ( "                                                              \
     "    SELECT q.id, q.org_id, "                                             \
-    "           coalesce(q.lease, $3 * interval '1 millisecond') AS lease "   \
+    "           coalesce(q.lease, $3 * interval '1 millisecond') AS lease, "  \
+    "           q.overlap, q.max_attempts "                                   \
     "      FROM annotation_queue.queues q "                                   \
     "     WHERE q.id = $2 "                                                   \
     "), kq AS ( "                                                             \
@@ -288,29 +357,31 @@
     "    SELECT kq.key_id, row_number() OVER (ORDER BY min(kq.ord)) AS n "    \
     "      FROM kq "                                                          \
     "     WHERE kq.key_id NOT IN (SELECT key_id FROM mine) "                  \
+    "       AND (SELECT overlap FROM q) = 1 "                                 \
+    "       AND NOT EXISTS ( "                                                \
+    "           SELECT 1 FROM annotation_queue.exclusions x "                 \
+    "            WHERE x.key_id = kq.key_id AND x.queue_id = $2) "            \
     "     GROUP BY kq.key_id "                                                \
     NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    NGX_AQ_NEXT_SQL("(SELECT count(*) FROM need)")                        \
+    NGX_AQ_NEXT_SQL("(SELECT count(*) FROM need)", "")                    \
     "), cand AS MATERIALIZED ( "                                              \
-    "    SELECT id, version, row_number() OVER () AS n "                      \
+    "    SELECT id, slot, version, row_number() OVER () AS n "                \
     "      FROM next "                                                        \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
-    "       SET status = 'claimed', claimed_by = need.key_id, "               \
-    "           claimed_at = now(), "                                         \
-    "           lease_expires_at = now() + q.lease, "                         \
-    "           version = i.version + 1, "                                    \
-    "           attempts = i.attempts + 1 "                                   \
+    NGX_AQ_CLAIM_SET_SQL("need.key_id")                                       \
     "      FROM cand JOIN need USING (n), q "                                 \
-    "     WHERE i.id = cand.id AND i.version = cand.version "                 \
-    "       AND i.queue_id = $2 "                                             \
-    "    RETURNING i.claimed_by AS key_id, i.id, i.queue_id, i.payload, "     \
-    "              i.version, "                                               \
-    "              i.claimed_at, i.lease_expires_at "                         \
+    "     WHERE i.id = cand.id AND i.slot = cand.slot "                       \
+    "       AND i.version = cand.version AND i.queue_id = $2 "                \
+    "    RETURNING need.key_id, i.id, i.queue_id, i.payload, i.version, "     \
+    "              i.claimed_at, i.lease_expires_at, i.status "               \
     "), got AS ( "                                                            \
-    "    SELECT * FROM claimed "                                              \
+    "    SELECT key_id, id, queue_id, payload, version, claimed_at, "         \
+    "           lease_expires_at "                                            \
+    "      FROM claimed "                                                     \
+    "     WHERE status = 'claimed' "                                          \
     "    UNION ALL "                                                          \
     "    SELECT * FROM held "                                                 \
     ") "                                                                      \
@@ -319,7 +390,9 @@
     "       to_char(got.claimed_at AT TIME ZONE 'UTC', "                      \
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
     "       to_char(got.lease_expires_at AT TIME ZONE 'UTC', "                \
-    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "                    \
+    "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
+    NGX_AQ_OVERLAP_SQL("got")                                                 \
+    "       false, NULL::int8 "                                               \
     "  FROM req "                                                             \
     "  LEFT JOIN k USING (ord) "                                              \
     "  LEFT JOIN kq USING (ord) "                                             \
@@ -356,14 +429,21 @@
     "      FROM annotation_queue.items i "                                    \
     "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
     "     WHERE i.id = $2 AND q.org_id = (SELECT org_id FROM k) "             \
+    "     LIMIT 1 "                                                           \
     "), u AS ( "                                                              \
     "    UPDATE annotation_queue.items i "
 
-#define NGX_AQ_ITEM_TAIL_SQL                                                  \
+#define NGX_AQ_ITEM_WHERE_SQL                                                 \
     "     WHERE i.id = (SELECT id FROM it) AND i.version = $3 "               \
     "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
     "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
-    ") "                                                                      \
+    ") "
+
+#define NGX_AQ_ITEM_TAIL_SQL                                                  \
+    NGX_AQ_ITEM_WHERE_SQL                                                     \
+    NGX_AQ_ITEM_SELECT_SQL
+
+#define NGX_AQ_ITEM_SELECT_SQL                                                \
     "SELECT EXISTS (SELECT 1 FROM k), EXISTS (SELECT 1 FROM it), "            \
     "       u.id, u.queue_id, u.status, u.version, "                          \
     "       to_char(u.lease_expires_at AT TIME ZONE 'UTC', "                  \
@@ -379,16 +459,33 @@
     "                      $4 * interval '1 millisecond') "                   \
     NGX_AQ_ITEM_TAIL_SQL
 
+#define NGX_AQ_RELEASE_SET_SQL                                                \
+    "       SET status = 'available', claimed_by = NULL, claimed_at = NULL, " \
+    "           lease_expires_at = NULL, version = i.version + 1 "
+
 #define NGX_AQ_RELEASE_SQL                                                    \
     NGX_AQ_ITEM_HEAD_SQL                                                      \
-    "       SET status = 'available', claimed_by = NULL, claimed_at = NULL, " \
-    "           lease_expires_at = NULL, version = i.version + 1 "            \
+    NGX_AQ_RELEASE_SET_SQL                                                    \
     NGX_AQ_ITEM_TAIL_SQL
+
+/* a release that the key may not take the item again after */
+#define NGX_AQ_SKIP_SQL                                                       \
+    NGX_AQ_ITEM_HEAD_SQL                                                      \
+    NGX_AQ_RELEASE_SET_SQL                                                    \
+    NGX_AQ_ITEM_WHERE_SQL                                                     \
+    ", x AS ( "                                                               \
+    "    INSERT INTO annotation_queue.exclusions "                            \
+    "           (item_id, key_id, queue_id, reason) "                         \
+    "    SELECT u.id, (SELECT id FROM k), u.queue_id, 'skipped' FROM u "      \
+    "    ON CONFLICT (item_id, key_id) DO UPDATE SET reason = 'skipped' "     \
+    ") "                                                                      \
+    NGX_AQ_ITEM_SELECT_SQL
 
 #define NGX_AQ_COMPLETE_SQL                                                   \
     NGX_AQ_ITEM_HEAD_SQL                                                      \
     "       SET status = 'completed', claimed_by = NULL, "                    \
     "           lease_expires_at = NULL, version = i.version + 1, "           \
+    "           completed_by = i.claimed_by, "                                \
     "           result = $4 -> 'result', completed_at = now() "               \
     NGX_AQ_ITEM_TAIL_SQL
 
@@ -434,7 +531,10 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB } },
 
     { "ngx_aq_claim_batch", NGX_AQ_CLAIM_BATCH_SQL, 3,
-      { NGX_AQ_TEXT_ARRAY, NGX_AQ_UUID, NGX_AQ_INT8, 0 } }
+      { NGX_AQ_TEXT_ARRAY, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
+
+    { "ngx_aq_skip", NGX_AQ_SKIP_SQL, 3,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } }
 };
 
 

@@ -25,11 +25,11 @@ static u_char *ngx_aq_status_metric(u_char *p, ngx_uint_t m,
 
 
 static const char  *ngx_aq_status_endpoints[NGX_AQ_NSTMTS] = {
-    "claim", "extend", "release", "complete", "claim"
+    "claim", "extend", "release", "complete", "claim", "skip"
 };
 
 static const char  *ngx_aq_status_successes[NGX_AQ_NSTMTS] = {
-    "claimed", "extended", "released", "completed", "claimed"
+    "claimed", "extended", "released", "completed", "claimed", "skipped"
 };
 
 /* the outcome labels, by NGX_AQ_OUTCOME_* (0, the successes: above) */

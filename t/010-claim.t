@@ -110,7 +110,7 @@ sub big_check {
         }
         my $rest = length($raw) > length($head) + length($big_payload)
                    ? substr($raw, length($head) + length($big_payload)) : '';
-        push @out, $rest =~ /\A,"version":1,"claimed_at":"[^"]+","lease_expires_at":"[^"]+"\}\}\z/
+        push @out, $rest =~ /\A,"version":1,"claimed_at":"[^"]+","lease_expires_at":"[^"]+","overlap":\{"required":1,"completed":0\}\}\}\z/
                    ? 'answer: then version 1 and the timestamps, and nothing else'
                    : 'answer: then ' . substr($rest, 0, 200);
     }
@@ -143,7 +143,7 @@ Cache-Control: no-store
 --- response_body_filters eval
 \&AQ::canon
 --- response_body
-{"item":{"claimed_at":"<ts>","id":"<item:shape>","lease_expires_at":"<ts>","payload":{"big":12345678901234567890.123456789,"escapes":"quote \" backslash \\ slash / newline \n tab \t ctl \u0001","int64":9223372036854775807,"nested":{"deep":{"a":{"b":{"c":[[{}]]}}},"empty":{},"list":[1,-2,3.25,1000,1.5,true,false,null,"",[]]},"text":"Ünïcödé ✓ 日本語 😀 😀","tiny":-0.000001},"queue_id":"<queue:shape>","version":1},"success":true}
+{"item":{"claimed_at":"<ts>","id":"<item:shape>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"big":12345678901234567890.123456789,"escapes":"quote \" backslash \\ slash / newline \n tab \t ctl \u0001","int64":9223372036854775807,"nested":{"deep":{"a":{"b":{"c":[[{}]]}}},"empty":{},"list":[1,-2,3.25,1000,1.5,true,false,null,"",[]]},"text":"Ünïcödé ✓ 日本語 😀 😀","tiny":-0.000001},"queue_id":"<queue:shape>","version":1},"success":true}
 --- no_error_log
 [error]
 [alert]
@@ -181,11 +181,11 @@ lease 900s
 \&AQ::canon
 --- response_body eval
 [
- qq({"item":{"claimed_at":"<ts>","id":"<item:array>","lease_expires_at":"<ts>","payload":[1,"two",{"three":3}],"queue_id":"<queue:types>","version":1},"success":true}\n),
- qq({"item":{"claimed_at":"<ts>","id":"<item:string>","lease_expires_at":"<ts>","payload":"just a string","queue_id":"<queue:types>","version":1},"success":true}\n),
- qq({"item":{"claimed_at":"<ts>","id":"<item:number>","lease_expires_at":"<ts>","payload":-4.25,"queue_id":"<queue:types>","version":1},"success":true}\n),
- qq({"item":{"claimed_at":"<ts>","id":"<item:null>","lease_expires_at":"<ts>","payload":null,"queue_id":"<queue:types>","version":1},"success":true}\n),
- qq({"item":{"claimed_at":"<ts>","id":"<item:true>","lease_expires_at":"<ts>","payload":true,"queue_id":"<queue:types>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:array>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":[1,"two",{"three":3}],"queue_id":"<queue:types>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:string>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":"just a string","queue_id":"<queue:types>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:number>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":-4.25,"queue_id":"<queue:types>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:null>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":null,"queue_id":"<queue:types>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:true>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":true,"queue_id":"<queue:types>","version":1},"success":true}\n),
 ]
 --- no_error_log
 [error]
@@ -246,7 +246,7 @@ lease 900s
  [\&AQ::brief, AQ::append(sub { 'attempts ' . AQ::item('resume-1')->{attempts} })]]
 --- response_body eval
 ["item resume-1 v1\n",
- qq({"item":{"claimed_at":"<ts>","id":"<item:resume-1>","lease_expires_at":"<ts>","payload":{"n":1},"queue_id":"<queue:resume>","version":1},"success":true}\n),
+ qq({"item":{"claimed_at":"<ts>","id":"<item:resume-1>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"n":1},"queue_id":"<queue:resume>","version":1},"success":true}\n),
  "item resume-2 v1\nattempts 1\n"]
 --- no_error_log
 [error]

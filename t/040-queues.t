@@ -157,7 +157,7 @@ my $attempts = AQ::append(sub { 'attempts ' . AQ::item('leased')->{attempts} });
  "error no_items_available\n",
  "item leased v2\nattempts 2\n",
  "error no_items_available\n",
- qq({"item":{"claimed_at":"<ts>","id":"<item:leased>","lease_expires_at":"<ts>","payload":{"x":1},"queue_id":"<queue:lease>","version":3},"success":true}\nattempts 3\n)]
+ qq({"item":{"claimed_at":"<ts>","id":"<item:leased>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"x":1},"queue_id":"<queue:lease>","version":3},"success":true}\nattempts 3\n)]
 --- no_error_log
 [error]
 [alert]

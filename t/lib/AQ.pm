@@ -308,15 +308,26 @@ sub expire_lease {
 my $UTC = q{'YYYY-MM-DD"T"HH24:MI:SS.US'};
 
 # An item row (by label or id), timestamps also as UTC text (*_utc).
+# An item's row; of an item of several slots (overlap), the slot of that
+# version, else a claimed one, else the first.  With the queue's overlap and
+# the item's completed slots.
 sub item {
-    my ($item) = @_;
+    my ($item, $version) = @_;
     $item = $label_item{$item} // $item;
     return dbh()->selectrow_hashref(
         qq{SELECT i.*, payload::text AS payload_text,
                   to_char(claimed_at AT TIME ZONE 'UTC', $UTC) AS claimed_at_utc,
                   to_char(lease_expires_at AT TIME ZONE 'UTC', $UTC)
-                      AS lease_expires_at_utc
-             FROM annotation_queue.items AS i WHERE id = ?}, undef, $item);
+                      AS lease_expires_at_utc,
+                  (SELECT overlap FROM annotation_queue.queues q
+                    WHERE q.id = i.queue_id) AS queue_overlap,
+                  (SELECT count(*) FROM annotation_queue.items c
+                    WHERE c.id = i.id AND c.status = 'completed')
+                      AS slots_completed
+             FROM annotation_queue.items AS i WHERE id = ?
+            ORDER BY i.version = ? DESC NULLS LAST,
+                     i.status = 'claimed' DESC, i.slot
+            LIMIT 1}, undef, $item, $version);
 }
 
 # { available => n, claimed => n, completed => n } of a queue.
@@ -469,9 +480,11 @@ sub inspect {
         push @p, same_keys('body', $doc, qw(success item));
         my $it = $doc->{item};
         push @p, same_keys('item', $it, qw(id queue_id payload version
-                                           claimed_at lease_expires_at));
+                                           claimed_at lease_expires_at
+                                           overlap));
         my $id = $it->{id};
-        my $row = (defined $id && !ref $id && $id =~ $UUID_RE) ? item($id) : undef;
+        my $row = (defined $id && !ref $id && $id =~ $UUID_RE)
+                  ? item($id, $it->{version}) : undef;
         if (!$row) {
             push @p, 'item.id is not the id of an item: '
                      . (defined $id ? $id : 'null');
@@ -492,6 +505,18 @@ sub inspect {
                     push @p, "item.$ts $it->{$ts} != "
                              . ($row->{"${ts}_utc"} // 'NULL') . ' in the database';
                 }
+            }
+            my $o = $it->{overlap};
+            if (ref $o ne 'HASH') {
+                push @p, 'item.overlap is not an object';
+            } else {
+                push @p, same_keys('item.overlap', $o, qw(required completed));
+                push @p, "item.overlap.required $o->{required} != the queue's "
+                         . "overlap $row->{queue_overlap}"
+                    unless ($o->{required} // '') eq $row->{queue_overlap};
+                push @p, "item.overlap.completed $o->{completed} != "
+                         . "$row->{slots_completed} completed slots"
+                    unless ($o->{completed} // '') eq $row->{slots_completed};
             }
             my $want = canonical_json($JSON->decode($row->{payload_text}));
             my $got  = canonical_json($it->{payload});

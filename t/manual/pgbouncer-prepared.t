@@ -374,7 +374,7 @@ $AQ::Workflow::LOCATIONS
  [\&AQ::Workflow::answer, AQ::append(sub { AQ::Workflow::state_of('flow') })],
  [\&AQ::canon]]
 --- response_body eval
-[qq({"item":{"claimed_at":"<ts>","id":"<item:flow>","lease_expires_at":"<ts>","payload":{"label":"flow"},"queue_id":"<queue:flow>","version":1},"success":true}\n),
+[qq({"item":{"claimed_at":"<ts>","id":"<item:flow>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"label":"flow"},"queue_id":"<queue:flow>","version":1},"success":true}\n),
  "claimed flow v1, lease 900s\nclaimed v1 by flow\n",
  qq({"item":{"id":"<item:flow>","lease_expires_at":null,"queue_id":"<queue:flow>","status":"completed","version":2},"success":true}\n)
  . qq(completed v2, result {"label": "ok"}\n),

@@ -645,7 +645,7 @@ $AQ::Workflow::LOCATIONS
  [\&AQ::Workflow::answer, AQ::append(sub { AQ::Workflow::state_of('flow-session') })],
  [\&AQ::canon]]
 --- response_body eval
-[qq({"item":{"claimed_at":"<ts>","id":"<item:flow-session>","lease_expires_at":"<ts>","payload":{"label":"flow-session"},"queue_id":"<queue:flow-session>","version":1},"success":true}\n),
+[qq({"item":{"claimed_at":"<ts>","id":"<item:flow-session>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"label":"flow-session"},"queue_id":"<queue:flow-session>","version":1},"success":true}\n),
  "claimed flow-session v1, lease 900s\nclaimed v1 by flow-session\n",
  qq({"item":{"id":"<item:flow-session>","lease_expires_at":null,"queue_id":"<queue:flow-session>","status":"completed","version":2},"success":true}\n)
  . qq(completed v2, result {"label": "ok"}\n),
@@ -704,7 +704,7 @@ $AQ::Workflow::LOCATIONS
  [\&AQ::Workflow::answer, AQ::append(sub { AQ::Workflow::state_of('flow-transaction') })],
  [\&AQ::canon]]
 --- response_body eval
-[qq({"item":{"claimed_at":"<ts>","id":"<item:flow-transaction>","lease_expires_at":"<ts>","payload":{"label":"flow-transaction"},"queue_id":"<queue:flow-transaction>","version":1},"success":true}\n),
+[qq({"item":{"claimed_at":"<ts>","id":"<item:flow-transaction>","lease_expires_at":"<ts>","overlap":{"completed":0,"required":1},"payload":{"label":"flow-transaction"},"queue_id":"<queue:flow-transaction>","version":1},"success":true}\n),
  "claimed flow-transaction v1, lease 900s\nclaimed v1 by flow-transaction\n",
  qq({"item":{"id":"<item:flow-transaction>","lease_expires_at":null,"queue_id":"<queue:flow-transaction>","status":"completed","version":2},"success":true}\n)
  . qq(completed v2, result {"label": "ok"}\n),
