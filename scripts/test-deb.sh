@@ -304,6 +304,7 @@ read -r queue key item_a item_b < <(in_root psql -X -qtA -F' ' -v ON_ERROR_STOP=
 GRANT USAGE ON SCHEMA annotation_queue TO annotation_queue;
 GRANT SELECT ON annotation_queue.api_keys, annotation_queue.queues TO annotation_queue;
 GRANT SELECT, UPDATE ON annotation_queue.items TO annotation_queue;
+GRANT SELECT, INSERT, UPDATE ON annotation_queue.exclusions TO annotation_queue;
 WITH org AS (SELECT annotation_queue.create_org('deb') AS id),
      q AS (SELECT annotation_queue.create_queue(org.id, 'deb') AS id, org.id AS org
              FROM org)

@@ -227,18 +227,21 @@ sub keys_for {
 
 # queue($org, 'label') has the default lease (15 minutes);
 # queue($org, 'label', lease => '30 seconds'); lease => undef: NULL lease.
+# overlap => k, max_attempts => n: create_queue's own.
 sub queue {
     my ($org, $label, %o) = @_;
     my $name = $label // 'queue-' . ++$seq;
-    my $id;
+    my ($sql, @args) = ('SELECT annotation_queue.create_queue(?, ?', $org, $name);
     if (exists $o{lease}) {
-        $id = dbh()->selectrow_array(
-            'SELECT annotation_queue.create_queue(?, ?, ?::interval)',
-            undef, $org, $name, $o{lease});
-    } else {
-        $id = dbh()->selectrow_array(
-            'SELECT annotation_queue.create_queue(?, ?)', undef, $org, $name);
+        $sql .= ', lease => ?::interval';
+        push @args, $o{lease};
     }
+    for my $arg (qw(overlap max_attempts)) {
+        next unless exists $o{$arg};
+        $sql .= ", $arg => ?::int";
+        push @args, $o{$arg};
+    }
+    my $id = dbh()->selectrow_array("$sql)", undef, @args);
     $queue_label{$id} = $name;
     return $id;
 }

@@ -193,6 +193,8 @@ sub grant {
         $h->do(qq{GRANT SELECT ON annotation_queue.api_keys, annotation_queue.queues
                   TO "$role"});
         $h->do(qq{GRANT SELECT, UPDATE ON annotation_queue.items TO "$role"});
+        $h->do(qq{GRANT SELECT, INSERT, UPDATE ON annotation_queue.exclusions
+                  TO "$role"});
     }
 }
 

@@ -26,9 +26,10 @@ our %URI = (
     extend   => '/api/v1/annotations/extend',
     release  => '/api/v1/annotations/release',
     complete => '/api/v1/annotations/complete',
+    skip     => '/api/v1/annotations/skip',
 );
 
-# The four endpoints, one location each (a block's --- config).
+# The five endpoints, one location each (a block's --- config).
 our $LOCATIONS = <<"_EOC_";
     location = $URI{claim} {
         annotation_queue_claim;
@@ -41,6 +42,9 @@ our $LOCATIONS = <<"_EOC_";
     }
     location = $URI{complete} {
         annotation_queue_complete;
+    }
+    location = $URI{skip} {
+        annotation_queue_skip;
     }
 _EOC_
 
