@@ -121,7 +121,8 @@
     "           lease_expires_at = CASE WHEN " NGX_AQ_FAILS_SQL               \
     "                                   THEN NULL ELSE now() + q.lease END, " \
     "           version = i.version + 1, "                                    \
-    "           attempts = i.attempts + 1, "                                  \
+    "           attempts = i.attempts + CASE WHEN " NGX_AQ_FAILS_SQL          \
+    "                                        THEN 0 ELSE 1 END, "             \
     "           expirations = i.expirations "                                 \
     "                         + (i.status = 'claimed')::int "
 
