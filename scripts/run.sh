@@ -112,6 +112,7 @@ http {
             location = /api/v1/annotations/extend   { annotation_queue_extend; }
             location = /api/v1/annotations/release  { annotation_queue_release; }
             location = /api/v1/annotations/complete { annotation_queue_complete; }
+            location = /api/v1/annotations/skip     { annotation_queue_skip; }
         }
 
         location = $metrics {
@@ -196,9 +197,16 @@ curl -s -w '\n' -X POST $api/complete \\
      -H 'Content-Type: application/json' \\
      -d '{"item_id": "$alice_item", "version": $alice_version, "result": {"helpful": true, "score": 4}}'
 
-4. bob gives the item he holds back to the queue:
+4. bob gives the item he holds back to the queue, either by a release (he
+   may be handed it again later) or by a skip (never to him again); the
+   first of the two that runs answers 200, the other 409 stale_claim:
 
 curl -s -w '\n' -X POST $api/release \\
+     -H 'Authorization: Bearer $bob' \\
+     -H 'Content-Type: application/json' \\
+     -d '{"item_id": "$bob_item", "version": $bob_version}'
+
+curl -s -w '\n' -X POST $api/skip \\
      -H 'Authorization: Bearer $bob' \\
      -H 'Content-Type: application/json' \\
      -d '{"item_id": "$bob_item", "version": $bob_version}'

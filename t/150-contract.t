@@ -42,8 +42,9 @@ my %URI = (
     extend   => '/api/v1/annotations/extend',
     release  => '/api/v1/annotations/release',
     complete => '/api/v1/annotations/complete',
+    skip     => '/api/v1/annotations/skip',
 );
-my @ITEM_ACTIONS = qw(extend release complete);
+my @ITEM_ACTIONS = qw(extend release complete skip);
 my @ACTIONS = ('claim', @ITEM_ACTIONS);
 my $STATUS_URI = '/internal/annotation-queue/metrics';
 
@@ -335,6 +336,9 @@ answer('complete it with a result',
 my $rel = hold('to release');
 answer('release a held item', { uri => $URI{release}, key => $rel->{key},
                                 body => body_of($rel) }, 200);
+my $skp = hold('to skip');
+answer('skip a held item', { uri => $URI{skip}, key => $skp->{key},
+                             body => body_of($skp) }, 200);
 my $nores = hold('to complete without a result');
 answer('complete with "result": null',
        { uri => $URI{complete}, key => $nores->{key},
