@@ -192,7 +192,10 @@ case "$answer" in *'HTTP 200') ;; *) die "the sanity claim failed" ;; esac
 # error; a violation fails the bench at the end (bench_verdict).
 
 reset() {
+    # session_replication_role: no trigger fires (the NOTIFY of
+    # items_notify_available, row by row: nobody listens here)
     psql_ <<'SQL' >/dev/null
+SET session_replication_role = replica;
 UPDATE annotation_queue.items
    SET status = 'available', claimed_by = NULL, claimed_at = NULL,
        lease_expires_at = NULL, attempts = 0
