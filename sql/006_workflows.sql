@@ -56,8 +56,9 @@ CREATE INDEX IF NOT EXISTS items_done_idx
 
 -- The items a key may no longer take: the slots it claimed in queues of
 -- overlap > 1 (reason 'claimed') and the items it skipped ('skipped').
--- Read by the claim once per candidate (the primary key), and when a batch
--- of claims decides which keys it can serve (exclusions_key_idx).
+-- Read by the claim once per candidate (a probe of the primary key, all
+-- three columns given), and when a batch of claims decides which keys it
+-- can serve (exclusions_key_idx).
 CREATE TABLE annotation_queue.exclusions (
     item_id     uuid        NOT NULL,
     key_id      uuid        NOT NULL,
@@ -66,11 +67,15 @@ CREATE TABLE annotation_queue.exclusions (
                             ON DELETE CASCADE,
     reason      text        NOT NULL CHECK (reason IN ('claimed', 'skipped')),
     created_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (item_id, key_id)
+    PRIMARY KEY (queue_id, item_id, key_id)
 );
 
+-- Its predicate (true of every row) is for the batch, which states it: the
+-- claim's probe does not, so that the planner cannot read all of a key's
+-- exclusions at every candidate instead of probing the primary key.
 CREATE INDEX exclusions_key_idx
-    ON annotation_queue.exclusions (key_id, queue_id);
+    ON annotation_queue.exclusions (key_id, queue_id)
+    WHERE reason IS NOT NULL;
 
 
 -- The API: create_queue gains overlap and max_attempts.

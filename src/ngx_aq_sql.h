@@ -92,14 +92,20 @@
  * The single claim's candidates leave out the items the key may no longer
  * take (annotation_queue.exclusions: a slot of the item it took in a queue
  * of overlap > 1, or the item it skipped): one probe of the table's
- * primary key per candidate.  The batch serves no key that has any (need).
+ * primary key per candidate.  OFFSET 0 keeps the probe a subplan run per
+ * candidate: as a join, the planner reads all the key's exclusions at
+ * every claim (thousands for a busy rater of an overlap queue); and the
+ * probe does not state exclusions_key_idx's predicate, so that it cannot
+ * read them through that index either.  The batch serves no key that has
+ * any (need, through exclusions_key_idx).
  */
 
 #define NGX_AQ_EXCLUDE_SQL                                                    \
     "           AND NOT EXISTS ( "                                            \
     "               SELECT 1 FROM annotation_queue.exclusions x "             \
     "                WHERE x.item_id = i.id "                                 \
-    "                  AND x.key_id = (SELECT id FROM k)) "
+    "                  AND x.key_id = (SELECT id FROM k) "                    \
+    "                  AND x.queue_id = $2 OFFSET 0) "
 
 
 /*
@@ -361,7 +367,8 @@
     "       AND (SELECT overlap FROM q) = 1 "                                 \
     "       AND NOT EXISTS ( "                                                \
     "           SELECT 1 FROM annotation_queue.exclusions x "                 \
-    "            WHERE x.key_id = kq.key_id AND x.queue_id = $2) "            \
+    "            WHERE x.key_id = kq.key_id AND x.queue_id = $2 "             \
+    "              AND x.reason IS NOT NULL) "                                \
     "     GROUP BY kq.key_id "                                                \
     NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
@@ -478,7 +485,8 @@
     "    INSERT INTO annotation_queue.exclusions "                            \
     "           (item_id, key_id, queue_id, reason) "                         \
     "    SELECT u.id, (SELECT id FROM k), u.queue_id, 'skipped' FROM u "      \
-    "    ON CONFLICT (item_id, key_id) DO UPDATE SET reason = 'skipped' "     \
+    "    ON CONFLICT (queue_id, item_id, key_id) "                            \
+    "    DO UPDATE SET reason = 'skipped' "                                   \
     ") "                                                                      \
     NGX_AQ_ITEM_SELECT_SQL
 

@@ -370,4 +370,65 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
     }
 }
 
+# --- exclusions: a probe per candidate -----------------------------------
+#
+# A key with 5,000 exclusions in the dirty queue (items it skipped, or
+# slots it took in a queue of overlap > 1), the head among them: the single
+# claim leaves the head out by one probe of exclusions_pkey per candidate
+# (queue, item and key in its index condition), never by reading the key's
+# exclusions, so it still reads fewer than 100 buffers, and takes the next
+# item.  The batch serves no key with exclusions (the single claim does).
+{
+    my $k = AQ::key($org, rater => 'dirty-excluded');
+    $key{'dirty-excluded'} = $k;
+    my $kid = AQ::key_id($k);
+    $dbh->do(q{INSERT INTO annotation_queue.exclusions
+                   (item_id, key_id, queue_id, reason)
+               SELECT gen_random_uuid(), ?, ?, 'skipped'
+                 FROM generate_series(1, 5000)}, undef, $kid, $dirty);
+    $dbh->do(q{INSERT INTO annotation_queue.exclusions
+                   (item_id, key_id, queue_id, reason)
+               VALUES (?, ?, ?, 'skipped')}, undef, $head, $kid, $dirty);
+    $dbh->do('ANALYZE annotation_queue.exclusions');
+    my $stmt = ['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)',
+                'dirty-excluded'];
+    for my $mode (qw(force_generic_plan force_custom_plan)) {
+        $dbh->do("SET plan_cache_mode = $mode");
+        my $lines = $dbh->selectcol_arrayref("EXPLAIN (COSTS OFF) $stmt->[1]", undef,
+                                             plan_arg($stmt), $dirty);
+        my @probes;
+        for my $i (0 .. $#$lines) {
+            next unless $lines->[$i] =~ /Scan (?:using (\w+) )?on exclusions/;
+            my $index = $1 // 'seq scan';
+            my $cond = ($lines->[$i + 1] // '') =~ /Index Cond: (.*)/ ? $1 : 'none';
+            push @probes, "$index: $cond";
+        }
+        is_deeply([grep { !/^exclusions_pkey: .*queue_id = .*item_id = .*key_id = /
+                          && !/^exclusions_pkey: .*key_id = .*item_id = /
+                        } @probes], [],
+                  "exclusions, single claim, $mode: every read of exclusions "
+                  . 'probes its primary key by queue, item and key')
+            or diag join "\n", @probes, @$lines;
+        cmp_ok(scalar @probes, '>=', 2, "exclusions, single claim, $mode: "
+                                        . 'both candidates probe it');
+        $dbh->begin_work;
+        my $json = $dbh->selectrow_array("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) $stmt->[1]",
+                                         undef, plan_arg($stmt), $dirty);
+        my $took = $dbh->selectcol_arrayref(
+            q{SELECT i.id FROM annotation_queue.items i
+               WHERE i.queue_id = ? AND i.claimed_by = ?}, undef, $dirty, $kid);
+        $dbh->rollback;
+        my $plan = JSON::PP->new->decode($json)->[0]{Plan};
+        my $buffers = $plan->{'Shared Hit Blocks'} + $plan->{'Shared Read Blocks'};
+        cmp_ok($buffers, '<', 100, "exclusions, single claim, $mode: fewer than 100 "
+                                   . "buffers with 5,000 exclusions (read $buffers)");
+        is(scalar @$took, 1, "exclusions, single claim, $mode: it takes an item");
+        isnt($took->[0] // '', $head, "exclusions, single claim, $mode: ... not the "
+                                      . 'head it may no longer take');
+    }
+    my $rows = batch($dirty, 'dirty-excluded');
+    is($rows->[0][2], undef, 'exclusions, batch: a key with exclusions gets no '
+                             . 'item from the batch (its claim runs alone)');
+}
+
 done_testing();

@@ -159,8 +159,16 @@ is("$o $cc->{id}", "200 claimed v3 $C", 'overlap 2: carol gets the slot alice sk
     ($o2, $x) = claim('carol', $q);
     ($o2) = skip_item('carol', $x, '/outcome/skip');
     is($o2, '200 available v2', 'a skip through a location with an access log');
-    open my $fh, '<', "$ngx->{prefix}/logs/outcome.log" or die $!;
-    my @lines = <$fh>;
+    # nginx logs the request after its answer went out: wait for the line
+    my @lines;
+    my $deadline = time + 10 * AQ::slow();
+    while (time < $deadline) {
+        if (open my $fh, '<', "$ngx->{prefix}/logs/outcome.log") {
+            @lines = <$fh>;
+        }
+        last if @lines;
+        select(undef, undef, undef, 0.05);
+    }
     is_deeply(\@lines, ["skipped\n"], '$annotation_queue_outcome is "skipped"');
 }
 
