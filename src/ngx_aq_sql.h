@@ -92,12 +92,13 @@
  * The single claim's candidates leave out the items the key may no longer
  * take (annotation_queue.exclusions: a slot of the item it took in a queue
  * of overlap > 1, or the item it skipped): one probe of the table's
- * primary key per candidate.  OFFSET 0 keeps the probe a subplan run per
- * candidate: as a join, the planner reads all the key's exclusions at
- * every claim (thousands for a busy rater of an overlap queue); and the
- * probe does not state exclusions_key_idx's predicate, so that it cannot
- * read them through that index either.  The batch serves no key that has
- * any (need, through exclusions_key_idx).
+ * primary key per candidate.  The probe does not state
+ * exclusions_key_idx's predicate: through that index the planner chose to
+ * read all the key's exclusions at every claim (thousands for a busy rater
+ * of an overlap queue).  OFFSET 0 keeps it a subplan run per candidate
+ * whatever the statistics say (as a join it could read the queue's
+ * exclusions at once).  The batch serves no key that has any (need,
+ * through exclusions_key_idx).
  */
 
 #define NGX_AQ_EXCLUDE_SQL                                                    \
