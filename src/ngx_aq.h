@@ -289,8 +289,10 @@ typedef struct {
     ngx_queue_t               waiting;    /* page requests, for the read */
     ngx_msec_t                started;    /* the last read's start */
     ngx_msec_t                read;       /* the last good read's start */
-    ngx_msec_t                read_ms;    /* its Unix time, in ms */
-    ngx_msec_t                start_ms;
+    time_t                    read_sec;   /* its Unix time */
+    ngx_uint_t                read_msec;
+    time_t                    start_sec;
+    ngx_uint_t                start_msec;
     unsigned                  tried:1;
     unsigned                  has_read:1;
     unsigned                  running:1;

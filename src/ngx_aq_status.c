@@ -384,7 +384,8 @@ ngx_aq_status_read(ngx_aq_status_queues_t *qs)
 
     qs->tried = 1;
     qs->started = ngx_current_msec;
-    qs->start_ms = (ngx_msec_t) tp->sec * 1000 + tp->msec;
+    qs->start_sec = tp->sec;
+    qs->start_msec = tp->msec;
 
     q = &qs->query;
 
@@ -435,7 +436,8 @@ ngx_aq_status_read_done(ngx_aq_query_t *q, PGresult *res, ngx_uint_t outcome)
         qs->failed = 0;
         qs->has_read = 1;
         qs->read = qs->started;
-        qs->read_ms = qs->start_ms;
+        qs->read_sec = qs->start_sec;
+        qs->read_msec = qs->start_msec;
 
     } else {
         qs->failed = 1;
@@ -794,8 +796,8 @@ ngx_aq_status_queue_metrics(u_char *p, ngx_aq_status_queues_t *qs)
 
     for (i = 0; i < n; i++) {
         p = ngx_sprintf(p, "annotation_queue_queue_read_timestamp_seconds"
-                        "{queue=\"%s\"} %M.%03M\n", st[i].id,
-                        qs->read_ms / 1000, qs->read_ms % 1000);
+                        "{queue=\"%s\"} %T.%03ui\n", st[i].id,
+                        qs->read_sec, qs->read_msec);
     }
 
     p = ngx_sprintf(p, "# HELP annotation_queue_queue_read_age_seconds "
