@@ -26,6 +26,8 @@ static void *ngx_http_annotation_queue_create_main_conf(ngx_conf_t *cf);
 static void *ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf,
     void *parent, void *child);
+static char *ngx_http_annotation_queue_merge_status(ngx_conf_t *cf,
+    ngx_http_annotation_queue_loc_conf_t *conf);
 static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     ngx_http_annotation_queue_loc_conf_t *alcf);
 static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
@@ -106,6 +108,20 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
+
+    { ngx_string("annotation_queue_status_queues"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_aq_status_queues,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("annotation_queue_status_interval"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, status_interval),
+      &ngx_http_annotation_queue_positive_msec },
 
     { ngx_string("annotation_queue_pool_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -461,6 +477,9 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
      *     conf->database = { 0, NULL };
      *     conf->action = NULL;
      *     conf->pool = NULL;
+     *     conf->status = 0;
+     *     conf->status_queues = NULL;
+     *     conf->queue_stats = NULL;
      */
 
     conf->pool_size = NGX_CONF_UNSET_UINT;
@@ -474,6 +493,7 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->limit_zone = NGX_CONF_UNSET_PTR;
+    conf->status_interval = NGX_CONF_UNSET_MSEC;
 
     return conf;
 }
@@ -509,6 +529,8 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_size_value(conf->max_body_size, prev->max_body_size,
                               4096);
     ngx_conf_merge_msec_value(conf->lease, prev->lease, 15 * 60 * 1000);
+    ngx_conf_merge_msec_value(conf->status_interval, prev->status_interval,
+                              5000);
 
     if (conf->limit_zone == NGX_CONF_UNSET_PTR) {
         conf->limit_zone = (prev->limit_zone == NGX_CONF_UNSET_PTR)
@@ -520,6 +542,10 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
         && ngx_aq_limit_check_zone(cf, conf->limit_zone) != NGX_CONF_OK)
     {
         return NGX_CONF_ERROR;
+    }
+
+    if (conf->status_queues) {
+        return ngx_http_annotation_queue_merge_status(cf, conf);
     }
 
     if (conf->action == NULL) {
@@ -536,6 +562,39 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
 
     conf->pool = ngx_http_annotation_queue_pool(cf, conf);
     if (conf->pool == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* a status location that shows queues reads them through its own pool */
+
+static char *
+ngx_http_annotation_queue_merge_status(ngx_conf_t *cf,
+    ngx_http_annotation_queue_loc_conf_t *conf)
+{
+    if (!conf->status) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"annotation_queue_status_queues\" needs "
+                           "\"annotation_queue_status\" in its location");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->database.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"annotation_queue_status_queues\" needs "
+                           "\"annotation_queue_database\"");
+        return NGX_CONF_ERROR;
+    }
+
+    conf->pool = ngx_http_annotation_queue_pool(cf, conf);
+    if (conf->pool == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_aq_status_queues_init(cf, conf) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
@@ -750,6 +809,8 @@ static char *
 ngx_http_annotation_queue_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf)
 {
+    ngx_http_annotation_queue_loc_conf_t *alcf = conf;
+
     ngx_http_core_loc_conf_t  *clcf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
@@ -760,6 +821,7 @@ ngx_http_annotation_queue_status(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     clcf->handler = ngx_aq_status_handler;
+    alcf->status = 1;
 
     return NGX_CONF_OK;
 }

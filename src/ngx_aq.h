@@ -48,6 +48,7 @@ typedef enum {
     NGX_AQ_STMT_COMPLETE,
     NGX_AQ_STMT_CLAIM_BATCH,
     NGX_AQ_STMT_SKIP,
+    NGX_AQ_STMT_QUEUE_STATS,
     NGX_AQ_NSTMTS
 } ngx_aq_stmt_e;
 
@@ -261,6 +262,44 @@ struct ngx_aq_ctx_s {
 };
 
 
+/* a queue's numbers, as the status page last read them (queue_stats()) */
+#define NGX_AQ_QUEUE_STATES       5       /* available ... failed */
+
+typedef struct {
+    u_char                    id[NGX_AQ_UUID_LEN + 1];
+    int64_t                   slots[NGX_AQ_QUEUE_STATES];
+    double                    oldest;     /* seconds; 0: none available */
+} ngx_aq_queue_stats_t;
+
+
+/*
+ * The queues a status location shows (annotation_queue_status_queues),
+ * read at most once an interval by each worker, when the page is asked
+ * for (ngx_aq_status.c)
+ */
+
+typedef struct {
+    ngx_array_t              *queues;     /* of ngx_aq_queue_stats_t */
+    ngx_msec_t                interval;
+    ngx_aq_pool_t            *pool;
+    ngx_str_t                 param;      /* the uuid[] literal */
+
+    /* per worker */
+    ngx_aq_query_t            query;
+    ngx_queue_t               waiting;    /* page requests, for the read */
+    ngx_msec_t                started;    /* the last read's start */
+    ngx_msec_t                read;       /* the last good read's start */
+    time_t                    read_sec;   /* its Unix time */
+    ngx_uint_t                read_msec;
+    time_t                    start_sec;
+    ngx_uint_t                start_msec;
+    unsigned                  tried:1;
+    unsigned                  has_read:1;
+    unsigned                  running:1;
+    unsigned                  failed:1;
+} ngx_aq_status_queues_t;
+
+
 typedef struct {
     ngx_array_t              *pools;      /* of ngx_aq_pool_t * */
     ngx_aq_stats_t           *stats;      /* [pool][worker] */
@@ -288,6 +327,12 @@ typedef struct {
 
     const ngx_aq_action_t    *action;
     ngx_aq_pool_t            *pool;
+
+    /* the status page (annotation_queue_status) */
+    ngx_flag_t                status;
+    ngx_array_t              *status_queues;  /* of ngx_aq_queue_stats_t */
+    ngx_msec_t                status_interval;
+    ngx_aq_status_queues_t   *queue_stats;
 } ngx_http_annotation_queue_loc_conf_t;
 
 
@@ -350,6 +395,9 @@ void ngx_aq_status_attach(ngx_cycle_t *cycle, ngx_aq_pool_t *pool);
 void ngx_aq_status_publish(ngx_aq_pool_t *pool);
 void ngx_aq_status_count(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
 ngx_int_t ngx_aq_status_handler(ngx_http_request_t *r);
+char *ngx_aq_status_queues(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+ngx_int_t ngx_aq_status_queues_init(ngx_conf_t *cf,
+    ngx_http_annotation_queue_loc_conf_t *alcf);
 
 /* ngx_aq_request.c */
 ngx_int_t ngx_aq_request_start(ngx_http_request_t *r,

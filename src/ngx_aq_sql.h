@@ -509,6 +509,25 @@
     "SELECT pg_catalog.set_config('statement_timeout', $1, true)"
 
 
+/*
+ * The status page's queue numbers (annotation_queue_status_queues): a row
+ * per queue, in the order of the array, read by a worker at most once an
+ * interval, never by a claim.
+ *
+ *   $1 uuid[]  the queues
+ *
+ * Returns available, claimed, expired, completed, failed (bigint, slots)
+ * and oldest_available_age (float8 seconds, NULL: none available).
+ */
+
+#define NGX_AQ_QUEUE_STATS_SQL                                                \
+    "SELECT s.available, s.claimed, s.expired, s.completed, s.failed, "       \
+    "       s.oldest_available_age "                                          \
+    "  FROM unnest($1::uuid[]) WITH ORDINALITY AS u (id, n), "                \
+    "       LATERAL annotation_queue.queue_stats(u.id) AS s "                 \
+    " ORDER BY u.n"
+
+
 /* prepared on every connection, in the order of ngx_aq_stmt_e */
 
 typedef struct {
@@ -524,6 +543,7 @@ typedef struct {
 #define NGX_AQ_UUID   2950
 #define NGX_AQ_JSONB  3802
 #define NGX_AQ_TEXT_ARRAY  1009
+#define NGX_AQ_UUID_ARRAY  2951
 
 
 static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
@@ -544,7 +564,10 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
       { NGX_AQ_TEXT_ARRAY, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
 
     { "ngx_aq_skip", NGX_AQ_SKIP_SQL, 3,
-      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } }
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
+
+    { "ngx_aq_queue_stats", NGX_AQ_QUEUE_STATS_SQL, 1,
+      { NGX_AQ_UUID_ARRAY, 0, 0, 0 } }
 };
 
 
