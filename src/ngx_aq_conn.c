@@ -507,7 +507,9 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
         PQclear(res);
 
-        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NPREPARED + 1) {
+        if (status == PGRES_COMMAND_OK
+            && ac->prepared < NGX_AQ_NPREPARED + 1)
+        {
             ac->prepared++;
             continue;
         }

@@ -504,9 +504,9 @@
  *
  * Every scan of items states the queue, so that on Citus, where items are
  * distributed by queue_id, each is a router query: one task, on the worker
- * that holds the queue.  An item of another queue is unknown (404).  The new lease of extend is computed in a
- * subquery: Citus refuses STABLE functions (now(), timestamptz + interval)
- * on columns in an UPDATE's SET.
+ * that holds the queue.  An item of another queue is unknown (404).  The
+ * new lease of extend is computed in a subquery: Citus refuses STABLE
+ * functions (now(), timestamptz + interval) on columns in an UPDATE's SET.
  */
 
 #define NGX_AQ_ITEM_HEAD_QUEUE_SQL                                            \
