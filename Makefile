@@ -20,6 +20,10 @@
 #   make test-repeat       make test's suites 20 times beside 2 CPU burners
 #   make test-pgbouncer-new  prepared statements through PgBouncer 1.24 (built
 #                          from Debian trixie's source) in transaction mode
+#   make test-citus        the suites of t/citus against a Citus coordinator
+#                          and two workers on this machine (builds Citus
+#                          13.2.2 from ../shared/vendor when it is missing;
+#                          scripts/test-citus.sh)
 #   make deb               build/deb/libnginx-mod-http-annotation-queue_<version>_<arch>.deb
 #                          (dh-sequence-nginx, out of tree; scripts/build-deb.sh)
 #   make test-deb          the .deb installed, used and removed on a
@@ -47,7 +51,7 @@ SOURCES      := config ngx_http_annotation_queue_module.c \
                 $(wildcard src/*.c src/*.h)
 
 .PHONY: all deps run test clean test-mutants coverage test-exclusivity \
-        test-repeat test-pgbouncer-new deb test-deb test-topology install test-matrix FORCE
+        test-repeat test-pgbouncer-new test-citus deb test-deb test-topology install test-matrix FORCE
 
 all: $(MODULE)
 
@@ -124,6 +128,9 @@ test-repeat: deps $(MODULE)
 
 test-pgbouncer-new: deps $(MODULE)
 	@scripts/test-pgbouncer-new.sh
+
+test-citus: deps $(MODULE)
+	@scripts/test-citus.sh
 
 deb:
 	@scripts/build-deb.sh

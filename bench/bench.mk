@@ -38,3 +38,12 @@ bench-profile: deps $(MODULE)
 
 bench-pgbouncer: deps $(MODULE)
 	@MODULE=$(MODULE) bench/pgbouncer.sh
+
+# make bench-citus: claims per second through the module on Citus (a
+# coordinator and two workers on this machine) against plain PostgreSQL, at
+# 8 and 64 connections, with each node's share of the CPU (bench/citus.sh;
+# builds Citus when it is missing; BENCH_QUICK=1 for a short try).
+.PHONY: bench-citus
+
+bench-citus: deps $(MODULE)
+	@MODULE=$(MODULE) bench/citus.sh

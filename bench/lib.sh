@@ -260,13 +260,17 @@ bench_verdict() {
 #   claimable         1 if QUEUE still has an item to claim (available, or
 #                     claimed with an expired lease), else 0: a 409
 #                     (no_items_available) is expected only at 0
+# With BENCH_CHECK_QUEUE=1 the first four count QUEUE's items only (runs
+# that claim from several queues at once: bench/citus.sh).
 bench_check_db() {
     local first last holders="SELECT id FROM annotation_queue.api_keys"
+    local only=true
+    [ "${BENCH_CHECK_QUEUE:-0}" != 1 ] || only="i.queue_id = '$1'"
     if [ -n "${BENCH_KEY_RANGE:-}" ]; then
         read -r first last <<<"$BENCH_KEY_RANGE"
         holders="SELECT id FROM bench.keys WHERE i BETWEEN $((first)) AND $((last))"
     fi
-    psql_ -F' ' -v queue="$1" -v holders="$holders" <<'SQL'
+    psql_ -F' ' -v queue="$1" -v holders="$holders" -v only="$only" <<'SQL'
 WITH c AS (
     SELECT i.id, i.queue_id, i.claimed_by, i.attempts,
            d.id IS NOT NULL AS dirty
@@ -274,6 +278,7 @@ WITH c AS (
       LEFT JOIN bench.dirty d ON d.id = i.id
      WHERE i.status = 'claimed'
        AND i.claimed_by IN (:holders)
+       AND :only
 )
 SELECT (SELECT count(*) FROM c),
        (SELECT count(*) FROM c WHERE dirty),

@@ -32,7 +32,7 @@
 #define NGX_AQ_UUID_LEN           36
 
 
-#define NGX_AQ_MAX_PARAMS         4
+#define NGX_AQ_MAX_PARAMS         5
 #define NGX_AQ_BATCH_MAX          16
 
 /* a batch's own parameters: the claim's array of key digests, in hex */
@@ -49,7 +49,18 @@ typedef enum {
     NGX_AQ_STMT_CLAIM_BATCH,
     NGX_AQ_STMT_SKIP,
     NGX_AQ_STMT_QUEUE_STATS,
-    NGX_AQ_NSTMTS
+    NGX_AQ_NSTMTS,
+
+    /*
+     * prepared too, but counted as their endpoint's (ctx->action->stmt):
+     * the item's statements for a body that names the queue, in the order
+     * of EXTEND, RELEASE, COMPLETE, SKIP
+     */
+    NGX_AQ_STMT_EXTEND_QUEUE = NGX_AQ_NSTMTS,
+    NGX_AQ_STMT_RELEASE_QUEUE,
+    NGX_AQ_STMT_COMPLETE_QUEUE,
+    NGX_AQ_STMT_SKIP_QUEUE,
+    NGX_AQ_NPREPARED
 } ngx_aq_stmt_e;
 
 
@@ -237,6 +248,7 @@ struct ngx_aq_ctx_s {
 
     u_char                    digest[NGX_AQ_DIGEST_LEN];
     u_char                    id[NGX_AQ_UUID_LEN + 1];
+    u_char                    queue_id[NGX_AQ_UUID_LEN + 1];
     u_char                    version[NGX_INT64_LEN + 1];
     u_char                    lease[NGX_INT64_LEN + 1];
     ngx_str_t                 result;
@@ -352,7 +364,7 @@ const ngx_aq_error_t *ngx_aq_json_parse_claim(ngx_pool_t *pool,
     u_char *body, size_t len, u_char *queue_id);
 const ngx_aq_error_t *ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body,
     size_t len, ngx_uint_t want_result, u_char *item_id, u_char *version,
-    ngx_str_t *result);
+    u_char *queue_id, ngx_str_t *result);
 ngx_int_t ngx_aq_uuid_valid(u_char *p, size_t len);
 
 /* ngx_aq_errors.c: ngx_aq_err_<name> of every NGX_AQ_ERRORS() entry */

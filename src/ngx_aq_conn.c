@@ -437,7 +437,7 @@ ngx_aq_conn_send_prepares(ngx_aq_conn_t *ac)
     ngx_uint_t            i;
     const ngx_aq_stmt_t  *stmt;
 
-    for (i = 0; i < NGX_AQ_NSTMTS; i++) {
+    for (i = 0; i < NGX_AQ_NPREPARED; i++) {
         stmt = &ngx_aq_stmts[i];
 
         if (!PQsendPrepare(ac->pg, stmt->name, stmt->sql, stmt->nparams,
@@ -466,7 +466,7 @@ ngx_aq_conn_send_prepares(ngx_aq_conn_t *ac)
 
 #define ngx_aq_conn_preparing_name(ac)                                        \
     ((ac)->prepared == 0 ? "DEALLOCATE ALL"                                   \
-     : ngx_aq_stmts[ngx_min((ac)->prepared - 1, NGX_AQ_NSTMTS - 1)].name)
+     : ngx_aq_stmts[ngx_min((ac)->prepared - 1, NGX_AQ_NPREPARED - 1)].name)
 
 
 static void
@@ -485,7 +485,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
             /* the end of one statement's results; never more than those */
 
-            if (++nulls > NGX_AQ_NSTMTS + 1) {
+            if (++nulls > NGX_AQ_NPREPARED + 1) {
                 break;
             }
 
@@ -507,7 +507,9 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
 
         PQclear(res);
 
-        if (status == PGRES_COMMAND_OK && ac->prepared < NGX_AQ_NSTMTS + 1) {
+        if (status == PGRES_COMMAND_OK
+            && ac->prepared < NGX_AQ_NPREPARED + 1)
+        {
             ac->prepared++;
             continue;
         }
@@ -528,7 +530,7 @@ ngx_aq_conn_read_prepared(ngx_aq_conn_t *ac)
         }
 
         if (status == PGRES_PIPELINE_SYNC
-            && ac->prepared == NGX_AQ_NSTMTS + 1
+            && ac->prepared == NGX_AQ_NPREPARED + 1
             && PQexitPipelineMode(ac->pg))
         {
             ngx_aq_conn_connected(ac);

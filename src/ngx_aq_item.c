@@ -9,6 +9,12 @@
  *   skip       {"item_id", "version"}            back to the queue, never
  *                                                to this key again
  *
+ * Each also takes the item's "queue_id": the statement then names the
+ * queue in every scan of items (NGX_AQ_STMT_*_QUEUE), which Citus needs to
+ * route it to the one worker that holds the queue; an item of another
+ * queue is then unknown (404).  Without it, the statement finds the item
+ * by its id alone, as on plain PostgreSQL it always could.
+ *
  * A version that no longer matches, or an item the key no longer holds,
  * answers 409 stale_claim; an item unknown to the key's organisation, 404.
  */
@@ -69,7 +75,8 @@ ngx_aq_item_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
 
     err = ngx_aq_json_parse_item(r->pool, body, len,
                                  ctx->action == &ngx_aq_complete_action,
-                                 ctx->id, ctx->version, &ctx->result);
+                                 ctx->id, ctx->version, ctx->queue_id,
+                                 &ctx->result);
     if (err) {
         return err;
     }
@@ -93,6 +100,31 @@ ngx_aq_item_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
         /* NULL: no result */
         q->values[3] = (const char *) ctx->result.data;
     }
+
+    if (ctx->queue_id[0] == '\0') {
+        return NULL;
+    }
+
+    switch (ctx->action->stmt) {
+
+    case NGX_AQ_STMT_EXTEND:
+        q->stmt = NGX_AQ_STMT_EXTEND_QUEUE;
+        break;
+
+    case NGX_AQ_STMT_RELEASE:
+        q->stmt = NGX_AQ_STMT_RELEASE_QUEUE;
+        break;
+
+    case NGX_AQ_STMT_COMPLETE:
+        q->stmt = NGX_AQ_STMT_COMPLETE_QUEUE;
+        break;
+
+    default: /* NGX_AQ_STMT_SKIP */
+        q->stmt = NGX_AQ_STMT_SKIP_QUEUE;
+        break;
+    }
+
+    q->values[4] = (const char *) ctx->queue_id;
 
     return NULL;
 }

@@ -3,9 +3,12 @@
  * Request bodies: JSON objects.
  *
  *   claim                 {"queue_id": "<uuid>"}
- *   extend, release       {"item_id": "<uuid>", "version": <integer>}
+ *   extend, release, skip {"item_id": "<uuid>", "version": <integer>}
  *   complete              {"item_id": "<uuid>", "version": <integer>,
  *                          "result": {...}}            (result optional)
+ *
+ * The item's endpoints also take an optional "queue_id": "<uuid>", the
+ * item's queue (needed on Citus, see ngx_aq_item.c).
  *
  * jansson rejects invalid UTF-8, NUL bytes (escaped or raw), nesting beyond
  * its depth limit and, with JSON_REJECT_DUPLICATES, objects that name a key
@@ -67,7 +70,7 @@ ngx_aq_json_parse_claim(ngx_pool_t *pool, u_char *body, size_t len,
 const ngx_aq_error_t *
 ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body, size_t len,
     ngx_uint_t want_result, u_char *item_id, u_char *version,
-    ngx_str_t *result)
+    u_char *queue_id, ngx_str_t *result)
 {
     double                 v;
     json_t                *root, *value;
@@ -105,6 +108,19 @@ ngx_aq_json_parse_item(ngx_pool_t *pool, u_char *body, size_t len,
     }
 
     *ngx_sprintf(version, "%L", (int64_t) v) = '\0';
+
+    /* optional: "" when absent */
+
+    queue_id[0] = '\0';
+
+    if (json_object_get(root, "queue_id") != NULL) {
+        err = ngx_aq_json_uuid(root, "queue_id", queue_id,
+                               &ngx_aq_err_missing_queue_id,
+                               &ngx_aq_err_invalid_queue_id);
+        if (err) {
+            goto done;
+        }
+    }
 
     ngx_str_null(result);
 

@@ -221,6 +221,9 @@ ngx_aq_request_body_handler(ngx_http_request_t *r)
         return;
     }
 
+    /* the endpoint's statement; its parse may choose a variant */
+    ctx->query.stmt = ctx->action->stmt;
+
     err = ctx->action->parse(r, ctx, body, len);
 
     if (err) {
@@ -331,7 +334,6 @@ ngx_aq_request_query(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
 
     q = &ctx->query;
 
-    q->stmt = ctx->action->stmt;
     q->rules = ctx->action->rules;
     q->values[0] = (const char *) ctx->digest;
     q->lengths[0] = NGX_AQ_DIGEST_LEN;

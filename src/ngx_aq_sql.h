@@ -112,7 +112,14 @@
 /*
  * A claim that takes a slot whose lease expired counts an expiry; the one
  * that would count its queue's max_attempts-th marks the slot failed and
- * takes nothing (the module runs the claim again).  q is the claim's queue.
+ * takes nothing (the module runs the claim again).  A claim that takes a
+ * slot of a queue of overlap > 1 sets exclude = 'claimed': the trigger of
+ * sql/007_exclusion_notes.sql notes the item in annotation_queue.exclusions
+ * for the key, which then never gets another slot of it (an INSERT of the
+ * statement's own would keep Citus from routing it as one task).  q is the
+ * claim's queue, with the claim's time (at: now()) and the lease's end
+ * (lease_end) computed there: Citus refuses an UPDATE that calls a STABLE
+ * function (now(), timestamptz + interval) on a column, or inside CASE.
  */
 
 #define NGX_AQ_FAILS_SQL                                                      \
@@ -124,14 +131,17 @@
     "           claimed_by = CASE WHEN " NGX_AQ_FAILS_SQL                     \
     "                             THEN NULL ELSE " key " END, "               \
     "           claimed_at = CASE WHEN " NGX_AQ_FAILS_SQL                     \
-    "                             THEN NULL ELSE now() END, "                 \
+    "                             THEN NULL ELSE q.at END, "                  \
     "           lease_expires_at = CASE WHEN " NGX_AQ_FAILS_SQL               \
-    "                                   THEN NULL ELSE now() + q.lease END, " \
+    "                                   THEN NULL ELSE q.lease_end END, "     \
     "           version = i.version + 1, "                                    \
     "           attempts = i.attempts + CASE WHEN " NGX_AQ_FAILS_SQL          \
     "                                        THEN 0 ELSE 1 END, "             \
     "           expirations = i.expirations "                                 \
-    "                         + (i.status = 'claimed')::int "
+    "                         + (i.status = 'claimed')::int, "                \
+    "           exclude = CASE WHEN q.overlap > 1 "                           \
+    "                          AND NOT " NGX_AQ_FAILS_SQL                     \
+    "                          THEN 'claimed' END "
 
 
 /*
@@ -224,8 +234,9 @@
     "       AND revoked_at IS NULL "                                          \
     "       AND (expires_at IS NULL OR expires_at > now()) "                  \
     "), q AS ( "                                                              \
-    "    SELECT q.id, coalesce(q.lease, $3 * interval '1 millisecond') "      \
-    "           AS lease, q.overlap, q.max_attempts "                         \
+    "    SELECT q.id, now() AS at, "                                          \
+    "           now() + coalesce(q.lease, $3 * interval '1 millisecond') "    \
+    "           AS lease_end, q.overlap, q.max_attempts "                     \
     "      FROM annotation_queue.queues q, k "                                \
     "     WHERE q.id = $2 AND q.org_id = k.org_id "                           \
     "), mine AS MATERIALIZED ( "                                              \
@@ -272,13 +283,6 @@
     "       AND i.version = cand.version AND i.queue_id = $2 "                \
     "    RETURNING i.id, i.slot, i.queue_id, i.payload, i.version, "          \
     "              i.claimed_at, i.lease_expires_at, i.status "               \
-    "), noted AS ( "                                                          \
-    "    INSERT INTO annotation_queue.exclusions "                            \
-    "           (item_id, key_id, queue_id, reason) "                         \
-    "    SELECT c.id, k.id, $2, 'claimed' "                                   \
-    "      FROM claimed c, k, q "                                             \
-    "     WHERE q.overlap > 1 AND c.status = 'claimed' "                      \
-    "    ON CONFLICT DO NOTHING "                                             \
     "), r AS ( "                                                              \
     "    SELECT id, queue_id, payload, version, claimed_at, "                 \
     "           lease_expires_at "                                            \
@@ -337,7 +341,9 @@
     "       AND (a.expires_at IS NULL OR a.expires_at > now()) "              \
     "), q AS ( "                                                              \
     "    SELECT q.id, q.org_id, "                                             \
-    "           coalesce(q.lease, $3 * interval '1 millisecond') AS lease, "  \
+    "           now() AS at, "                                                \
+    "           now() + coalesce(q.lease, $3 * interval '1 millisecond') "    \
+    "           AS lease_end, "                                               \
     "           q.overlap, q.max_attempts "                                   \
     "      FROM annotation_queue.queues q "                                   \
     "     WHERE q.id = $2 "                                                   \
@@ -477,19 +483,19 @@
     NGX_AQ_RELEASE_SET_SQL                                                    \
     NGX_AQ_ITEM_TAIL_SQL
 
-/* a release that the key may not take the item again after */
+/*
+ * A release that the key may not take the item again after: exclude =
+ * 'skipped' makes the trigger of sql/007_exclusion_notes.sql note the item
+ * in annotation_queue.exclusions for the old holder.
+ */
+#define NGX_AQ_SKIP_SET_SQL                                                   \
+    NGX_AQ_RELEASE_SET_SQL                                                    \
+    "           , exclude = 'skipped' "
+
 #define NGX_AQ_SKIP_SQL                                                       \
     NGX_AQ_ITEM_HEAD_SQL                                                      \
-    NGX_AQ_RELEASE_SET_SQL                                                    \
-    NGX_AQ_ITEM_WHERE_SQL                                                     \
-    ", x AS ( "                                                               \
-    "    INSERT INTO annotation_queue.exclusions "                            \
-    "           (item_id, key_id, queue_id, reason) "                         \
-    "    SELECT u.id, (SELECT id FROM k), u.queue_id, 'skipped' FROM u "      \
-    "    ON CONFLICT (queue_id, item_id, key_id) "                            \
-    "    DO UPDATE SET reason = 'skipped' "                                   \
-    ") "                                                                      \
-    NGX_AQ_ITEM_SELECT_SQL
+    NGX_AQ_SKIP_SET_SQL                                                       \
+    NGX_AQ_ITEM_TAIL_SQL
 
 #define NGX_AQ_COMPLETE_SQL                                                   \
     NGX_AQ_ITEM_HEAD_SQL                                                      \
@@ -498,6 +504,75 @@
     "           completed_by = i.claimed_by, "                                \
     "           result = $4 -> 'result', completed_at = now() "               \
     NGX_AQ_ITEM_TAIL_SQL
+
+
+/*
+ * The same four, for a body that names the item's queue ("queue_id"):
+ *
+ *   $5 uuid    the queue
+ *
+ * Every scan of items states the queue, so that on Citus, where items are
+ * distributed by queue_id, each is a router query: one task, on the worker
+ * that holds the queue.  An item of another queue is unknown (404).  The
+ * new lease of extend is computed in a subquery: Citus refuses STABLE
+ * functions (now(), timestamptz + interval) on columns in an UPDATE's SET.
+ */
+
+#define NGX_AQ_ITEM_HEAD_QUEUE_SQL                                            \
+    "WITH k AS ( "                                                            \
+    "    SELECT id, org_id "                                                  \
+    "      FROM annotation_queue.api_keys "                                   \
+    "     WHERE key_hash = $1 "                                               \
+    "       AND revoked_at IS NULL "                                          \
+    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
+    "), it AS ( "                                                             \
+    "    SELECT i.id "                                                        \
+    "      FROM annotation_queue.items i "                                    \
+    "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
+    "     WHERE i.id = $2 AND i.queue_id = $5 "                               \
+    "       AND q.org_id = (SELECT org_id FROM k) "                           \
+    "     LIMIT 1 "                                                           \
+    "), u AS ( "                                                              \
+    "    UPDATE annotation_queue.items i "
+
+#define NGX_AQ_ITEM_WHERE_QUEUE_SQL                                           \
+    "     WHERE i.id = (SELECT id FROM it) AND i.queue_id = $5 "              \
+    "       AND i.version = $3 "                                              \
+    "       AND i.status = 'claimed' AND i.claimed_by = (SELECT id FROM k) "  \
+    "    RETURNING i.id, i.queue_id, i.status, i.version, i.lease_expires_at " \
+    ") "
+
+#define NGX_AQ_EXTEND_QUEUE_SQL                                               \
+    NGX_AQ_ITEM_HEAD_QUEUE_SQL                                                \
+    "       SET lease_expires_at = ( "                                        \
+    "           SELECT now() "                                                \
+    "                  + coalesce((SELECT lease "                             \
+    "                                FROM annotation_queue.queues "           \
+    "                               WHERE id = $5), "                         \
+    "                             $4 * interval '1 millisecond')) "           \
+    NGX_AQ_ITEM_WHERE_QUEUE_SQL                                               \
+    NGX_AQ_ITEM_SELECT_SQL
+
+#define NGX_AQ_RELEASE_QUEUE_SQL                                              \
+    NGX_AQ_ITEM_HEAD_QUEUE_SQL                                                \
+    NGX_AQ_RELEASE_SET_SQL                                                    \
+    NGX_AQ_ITEM_WHERE_QUEUE_SQL                                               \
+    NGX_AQ_ITEM_SELECT_SQL
+
+#define NGX_AQ_COMPLETE_QUEUE_SQL                                             \
+    NGX_AQ_ITEM_HEAD_QUEUE_SQL                                                \
+    "       SET status = 'completed', claimed_by = NULL, "                    \
+    "           lease_expires_at = NULL, version = i.version + 1, "           \
+    "           completed_by = i.claimed_by, "                                \
+    "           result = $4 -> 'result', completed_at = now() "               \
+    NGX_AQ_ITEM_WHERE_QUEUE_SQL                                               \
+    NGX_AQ_ITEM_SELECT_SQL
+
+#define NGX_AQ_SKIP_QUEUE_SQL                                                 \
+    NGX_AQ_ITEM_HEAD_QUEUE_SQL                                                \
+    NGX_AQ_SKIP_SET_SQL                                                       \
+    NGX_AQ_ITEM_WHERE_QUEUE_SQL                                               \
+    NGX_AQ_ITEM_SELECT_SQL
 
 
 /*
@@ -546,7 +621,7 @@ typedef struct {
 #define NGX_AQ_UUID_ARRAY  2951
 
 
-static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
+static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NPREPARED] = {
 
     { "ngx_aq_claim", NGX_AQ_CLAIM_SQL, 3,
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
@@ -567,7 +642,24 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NSTMTS] = {
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0 } },
 
     { "ngx_aq_queue_stats", NGX_AQ_QUEUE_STATS_SQL, 1,
-      { NGX_AQ_UUID_ARRAY, 0, 0, 0 } }
+      { NGX_AQ_UUID_ARRAY, 0, 0, 0 } },
+
+    /*
+     * the item's statements naming the queue, NGX_AQ_STMT_*_QUEUE ($4 of
+     * release and skip unused, always NULL: a type, so that it needs none)
+     */
+
+    { "ngx_aq_extend_queue", NGX_AQ_EXTEND_QUEUE_SQL, 5,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } },
+
+    { "ngx_aq_release_queue", NGX_AQ_RELEASE_QUEUE_SQL, 5,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } },
+
+    { "ngx_aq_complete_queue", NGX_AQ_COMPLETE_QUEUE_SQL, 5,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB, NGX_AQ_UUID } },
+
+    { "ngx_aq_skip_queue", NGX_AQ_SKIP_QUEUE_SQL, 5,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } }
 };
 
 

@@ -308,6 +308,36 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
     }
 }
 
+# Citus routes a statement as one task only if its CTEs are SELECT, UPDATE
+# or DELETE (an INSERT makes it a plan of several steps through the
+# coordinator): no statement of the module inserts (the exclusions are the
+# trigger's, sql/007), and every scan of exclusions states the queue too.
+{
+    my %text = map { $_ => scalar `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h $_` }
+               qw(NGX_AQ_CLAIM_SQL NGX_AQ_CLAIM_BATCH_SQL NGX_AQ_EXTEND_SQL
+                  NGX_AQ_RELEASE_SQL NGX_AQ_COMPLETE_SQL NGX_AQ_SKIP_SQL
+                  NGX_AQ_EXTEND_QUEUE_SQL NGX_AQ_RELEASE_QUEUE_SQL
+                  NGX_AQ_COMPLETE_QUEUE_SQL NGX_AQ_SKIP_QUEUE_SQL);
+    is_deeply([grep { $text{$_} !~ /\S/ } sort keys %text], [],
+              'every statement is read from src/ngx_aq_sql.h');
+    is_deeply([grep { $text{$_} =~ /\b(?:INSERT|DELETE)\b/i } sort keys %text], [],
+              'no statement inserts or deletes (Citus routes only SELECT and UPDATE CTEs)');
+    my @unrouted;
+    for my $name (sort keys %text) {
+        next unless $name =~ /CLAIM|QUEUE/;
+        # each scan: from "annotation_queue.items <alias>" to the next scan
+        my @parts = split /annotation_queue\.(items|exclusions)\s+(\w+)/, $text{$name};
+        shift @parts;
+        while (my ($table, $alias, $rest) = splice @parts, 0, 3) {
+            push @unrouted, "$name: $table $alias"
+                unless $rest =~ /\b\Q$alias\E\.queue_id = \$\d/;
+        }
+    }
+    is_deeply(\@unrouted, [], 'the claims and the item statements naming the queue: '
+                               . 'every scan of items and exclusions states the queue id')
+        or diag explain \@unrouted;
+}
+
 # --- cost: bounded whatever the queue's state --------------------------------
 #
 # A queue in a state real queues reach: 50,000 live claims at priorities 1

@@ -384,6 +384,10 @@ for my $a (@ITEM_ACTIONS) {
     answer("$a: version 1.5", { uri => $URI{$a}, key => $k,
                                 body => qq({"item_id":"$uuid","version":1.5}) },
            400, 'invalid_version');
+    answer("$a: queue_id not a UUID",
+           { uri => $URI{$a}, key => $k,
+             body => qq({"item_id":"$uuid","version":1,"queue_id":"nope"}) },
+           400, 'invalid_queue_id');
 }
 answer('complete: a result that is not an object',
        { uri => $URI{complete}, key => $k,

@@ -121,6 +121,19 @@ sub dbi_connect {
 sub setup_database {
     my $cluster = $ENV{AQ_TEST_PG_DSN};
 
+    # A database to use as it is, neither copied nor dropped: the Citus
+    # coordinator's of t/citus (AQ::Citus), which a copy would not
+    # distribute.
+    if (my $db = $ENV{AQ_TEST_DB_DSN}) {
+        %PG = parse_conninfo($db);
+        $DB = $PG{dbname};
+        $DSN = conninfo(%PG);
+        $DEAD_DSN = conninfo(%PG, host => '127.0.0.1', port => free_port());
+        $ENV{TEST_NGINX_AQ_DSN}      = $DSN;
+        $ENV{TEST_NGINX_AQ_DEAD_DSN} = $DEAD_DSN;
+        return;
+    }
+
     if (!$cluster) {
         $CLUSTER_DIR = tempdir('aq-pg-XXXXXX', TMPDIR => 1, CLEANUP => 0);
         chmod 0711, $CLUSTER_DIR;
@@ -166,7 +179,7 @@ END {
         for my $h (grep { defined } $dbh, @extra_dbh) {
             eval { $h->disconnect };
         }
-        if ($DB && %PG) {
+        if ($DB && %PG && !$ENV{AQ_TEST_DB_DSN}) {
             eval {
                 my $admin = dbi_connect('postgres');
                 $admin->do(qq{DROP DATABASE IF EXISTS "$DB" WITH (FORCE)});

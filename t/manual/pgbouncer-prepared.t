@@ -84,7 +84,7 @@ our $org = AQ::org('pgbouncer-prepared');
 our %k;
 sub key_of { my ($name) = @_; return $k{$name} //= AQ::Workflow::key($org, $name) }
 
-our $NSTMTS = 5;    # the module's prepared statements (src/ngx_aq_sql.h)
+our $NSTMTS = 11;   # the module's prepared statements (src/ngx_aq_sql.h: NGX_AQ_NPREPARED)
 
 # What PgBouncer needs to keep them, and what the module needs through it.
 our %TRACKING = (max_prepared_statements => 100);

@@ -193,6 +193,8 @@ sub grant {
         $h->do(qq{GRANT SELECT ON annotation_queue.api_keys, annotation_queue.queues
                   TO "$role"});
         $h->do(qq{GRANT SELECT, UPDATE ON annotation_queue.items TO "$role"});
+        # the claim reads it; the claim and the skip write it (the trigger
+        # of sql/007 runs as the role)
         $h->do(qq{GRANT SELECT, INSERT, UPDATE ON annotation_queue.exclusions
                   TO "$role"});
     }
