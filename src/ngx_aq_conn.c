@@ -635,7 +635,9 @@ ngx_aq_conn_send_sql(ngx_aq_conn_t *ac, const char *sql)
         return NGX_DECLINED;
     }
 
-    ngx_add_timer(ac->c->read, ac->pool->query_timeout);
+    /* LISTEN's answer: as a statement's */
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout + 0);
 
     return NGX_OK;
 }
