@@ -32,6 +32,11 @@ static ngx_aq_pool_t *ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     ngx_http_annotation_queue_loc_conf_t *alcf);
 static char *ngx_http_annotation_queue_database(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_annotation_queue_listen_database(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
+static char *ngx_http_annotation_queue_conninfo(ngx_conf_t *cf,
+    ngx_str_t *value, ngx_str_t *conninfo, ngx_array_t **hosts,
+    ngx_msec_t *host_timeout);
 static char *ngx_http_annotation_queue_check_positive(ngx_conf_t *cf,
     void *post, void *data);
 static char *ngx_http_annotation_queue_action(ngx_conf_t *cf,
@@ -65,6 +70,20 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       ngx_http_annotation_queue_database,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
+      NULL },
+
+    { ngx_string("annotation_queue_listen_database"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_annotation_queue_listen_database,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("annotation_queue_max_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, max_wait),
       NULL },
 
     { ngx_string("annotation_queue_claim"),
@@ -492,6 +511,7 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->statement_timeout = NGX_CONF_UNSET_UINT;
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
+    conf->max_wait = NGX_CONF_UNSET_MSEC;
     conf->limit_zone = NGX_CONF_UNSET_PTR;
     conf->status_interval = NGX_CONF_UNSET_MSEC;
 
@@ -511,7 +531,14 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
         conf->host_timeout = prev->host_timeout;
     }
 
+    if (conf->listen_database.data == NULL) {
+        conf->listen_hosts = prev->listen_hosts;
+        conf->listen_host_timeout = prev->listen_host_timeout;
+    }
+
     ngx_conf_merge_str_value(conf->database, prev->database, "");
+    ngx_conf_merge_str_value(conf->listen_database, prev->listen_database,
+                             "");
     ngx_conf_merge_uint_value(conf->pool_size, prev->pool_size, 8);
     ngx_conf_merge_uint_value(conf->max_waiting, prev->max_waiting, 128);
     ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout,
@@ -531,6 +558,7 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_msec_value(conf->lease, prev->lease, 15 * 60 * 1000);
     ngx_conf_merge_msec_value(conf->status_interval, prev->status_interval,
                               5000);
+    ngx_conf_merge_msec_value(conf->max_wait, prev->max_wait, 20000);
 
     if (conf->limit_zone == NGX_CONF_UNSET_PTR) {
         conf->limit_zone = (prev->limit_zone == NGX_CONF_UNSET_PTR)
@@ -558,6 +586,14 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
                            "\"annotation_queue_database\"",
                            conf->action->name);
         return NGX_CONF_ERROR;
+    }
+
+    /* the LISTEN connection of long-polling claims: the same by default */
+
+    if (conf->listen_database.len == 0) {
+        conf->listen_database = conf->database;
+        conf->listen_hosts = conf->hosts;
+        conf->listen_host_timeout = conf->host_timeout;
     }
 
     conf->pool = ngx_http_annotation_queue_pool(cf, conf);
@@ -613,7 +649,7 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
 {
     ngx_uint_t                              i;
     ngx_aq_pool_t                          *pool, **pools, **pp;
-    ngx_resolver_t                         *resolver;
+    ngx_resolver_t                         *resolver, *listen_resolver;
     ngx_http_core_loc_conf_t               *clcf;
     ngx_http_annotation_queue_main_conf_t  *amcf;
 
@@ -631,6 +667,15 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
         && clcf->resolver->connections.nelts)
     {
         resolver = clcf->resolver;
+    }
+
+    listen_resolver = NULL;
+
+    if (alcf->listen_hosts
+        && clcf->resolver
+        && clcf->resolver->connections.nelts)
+    {
+        listen_resolver = clcf->resolver;
     }
 
     if (amcf->pools == NULL) {
@@ -656,9 +701,15 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
             && pool->resolver == resolver
             && (resolver == NULL
                 || pool->resolver_timeout == clcf->resolver_timeout)
+            && pool->listen_resolver == listen_resolver
             && pool->conninfo.len == alcf->database.len
             && ngx_strncmp(pool->conninfo.data, alcf->database.data,
                            alcf->database.len)
+               == 0
+            && pool->listen_conninfo.len == alcf->listen_database.len
+            && ngx_strncmp(pool->listen_conninfo.data,
+                           alcf->listen_database.data,
+                           alcf->listen_database.len)
                == 0)
         {
             return pool;
@@ -684,9 +735,20 @@ ngx_http_annotation_queue_pool(ngx_conf_t *cf,
     pool->host_timeout = alcf->host_timeout;
     pool->resolver = resolver;
     pool->resolver_timeout = clcf->resolver_timeout;
+    pool->listen_conninfo = alcf->listen_database;
+    pool->listen_hosts = alcf->listen_hosts;
+    pool->listen_host_timeout = alcf->listen_host_timeout;
+    pool->listen_resolver = listen_resolver;
 
     if (pool->hosts && resolver == NULL
         && ngx_aq_hosts_resolve_now(cf, pool->hosts) != NGX_OK)
+    {
+        return NULL;
+    }
+
+    if (pool->listen_hosts && pool->listen_hosts != pool->hosts
+        && listen_resolver == NULL
+        && ngx_aq_hosts_resolve_now(cf, pool->listen_hosts) != NGX_OK)
     {
         return NULL;
     }
@@ -708,11 +770,7 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
 {
     ngx_http_annotation_queue_loc_conf_t *alcf = conf;
 
-    char              *err;
-    u_char            *p;
-    size_t             len;
-    ngx_str_t         *value;
-    PQconninfoOption  *opts;
+    ngx_str_t  *value;
 
     if (alcf->database.data) {
         return "is duplicate";
@@ -720,14 +778,56 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
 
     value = cf->args->elts;
 
+    return ngx_http_annotation_queue_conninfo(cf, &value[1], &alcf->database,
+                                              &alcf->hosts,
+                                              &alcf->host_timeout);
+}
+
+
+/*
+ * The LISTEN connection of long-polling claims (ngx_aq_wait.c): another
+ * conninfo, e.g. PostgreSQL itself when annotation_queue_database is a
+ * pooler in transaction mode, where LISTEN does not work.
+ */
+
+static char *
+ngx_http_annotation_queue_listen_database(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_annotation_queue_loc_conf_t *alcf = conf;
+
+    ngx_str_t  *value;
+
+    if (alcf->listen_database.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    return ngx_http_annotation_queue_conninfo(cf, &value[1],
+                                              &alcf->listen_database,
+                                              &alcf->listen_hosts,
+                                              &alcf->listen_host_timeout);
+}
+
+
+static char *
+ngx_http_annotation_queue_conninfo(ngx_conf_t *cf, ngx_str_t *value,
+    ngx_str_t *conninfo, ngx_array_t **hosts, ngx_msec_t *host_timeout)
+{
+    char              *err;
+    u_char            *p;
+    size_t             len;
+    PQconninfoOption  *opts;
+
     /* a C string for libpq; checked now, so that a typo fails "nginx -t" */
 
-    p = ngx_pnalloc(cf->pool, value[1].len + 1);
+    p = ngx_pnalloc(cf->pool, value->len + 1);
     if (p == NULL) {
         return NGX_CONF_ERROR;
     }
 
-    *ngx_cpymem(p, value[1].data, value[1].len) = '\0';
+    *ngx_cpymem(p, value->data, value->len) = '\0';
 
     err = NULL;
     opts = PQconninfoParse((const char *) p, &err);
@@ -740,7 +840,8 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid \"annotation_queue_database\": %*s",
+                           "invalid \"%V\": %*s",
+                           &((ngx_str_t *) cf->args->elts)[0],
                            err ? len : sizeof("out of memory") - 1,
                            err ? err : "out of memory");
         if (err) {
@@ -750,16 +851,16 @@ ngx_http_annotation_queue_database(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    alcf->hosts = ngx_aq_hosts_parse(cf, opts, &alcf->host_timeout);
+    *hosts = ngx_aq_hosts_parse(cf, opts, host_timeout);
 
     PQconninfoFree(opts);
 
-    if (alcf->hosts == NGX_CONF_ERROR) {
+    if (*hosts == NGX_CONF_ERROR) {
         return NGX_CONF_ERROR;
     }
 
-    alcf->database.data = p;
-    alcf->database.len = value[1].len;
+    conninfo->data = p;
+    conninfo->len = value->len;
 
     return NGX_CONF_OK;
 }

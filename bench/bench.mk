@@ -21,8 +21,14 @@
 # transaction modes) against direct connections (defaults, prepare off,
 # statement_timeout local) at 8 and 64 connections (bench/pgbouncer.sh;
 # BENCH_QUICK=1 for a short try).
+#
+# make bench-longpoll: long-polling claims: the latency from an enqueue to
+# a waiter's answer, and what 10,000 waiters on one worker cost the worker
+# and PostgreSQL while they wait (bench/longpoll.sh; BENCH_QUICK=1 for a
+# short try).
 
-.PHONY: bench bench-flat bench-dirty bench-profile bench-pgbouncer
+.PHONY: bench bench-flat bench-dirty bench-profile bench-pgbouncer \
+        bench-longpoll
 
 bench: deps $(MODULE)
 	@MODULE=$(MODULE) bench/run.sh
@@ -47,3 +53,6 @@ bench-pgbouncer: deps $(MODULE)
 
 bench-citus: deps $(MODULE)
 	@MODULE=$(MODULE) bench/citus.sh
+
+bench-longpoll: deps $(MODULE)
+	@MODULE=$(MODULE) bench/longpoll.sh

@@ -129,6 +129,8 @@ typedef struct {
     ngx_atomic_t              connecting;
     ngx_atomic_t              idle;
     ngx_atomic_t              waiting;
+    ngx_atomic_t              waiters;    /* claims parked (Prefer: wait) */
+    ngx_atomic_t              wakeups;    /* their claims run again */
     ngx_atomic_t              answers[NGX_AQ_NSTMTS][NGX_AQ_NOUTCOMES];
 } ngx_aq_stats_t;
 
@@ -167,6 +169,12 @@ struct ngx_aq_pool_s {
     ngx_resolver_t           *resolver;   /* NULL: resolved at load */
     ngx_msec_t                resolver_timeout;
 
+    /* the LISTEN connection's (ngx_aq_wait.c): the conninfo by default */
+    ngx_str_t                 listen_conninfo;
+    ngx_array_t              *listen_hosts;
+    ngx_msec_t                listen_host_timeout;
+    ngx_resolver_t           *listen_resolver;
+
     /* per worker, set up in init_process */
     ngx_aq_conn_t            *conns;
     ngx_queue_t               idle;
@@ -177,6 +185,7 @@ struct ngx_aq_pool_s {
     ngx_log_t                *log;
     char                      options[64];
     char                      timeout[NGX_INT64_LEN + 1];
+    void                     *listener;   /* ngx_aq_wait.c */
 };
 
 
@@ -221,6 +230,23 @@ typedef struct {
 
 
 typedef struct ngx_aq_ctx_s  ngx_aq_ctx_t;
+typedef struct ngx_aq_wqueue_s  ngx_aq_wqueue_t;
+
+
+/* a claim that may wait for an item (Prefer: wait=N, ngx_aq_wait.c) */
+typedef struct {
+    ngx_queue_t               queue;      /* in its queue's FIFO, parked */
+    ngx_aq_wqueue_t          *wq;
+    ngx_event_t               timer;      /* its deadline */
+    ngx_msec_t                deadline;
+    ngx_uint_t                applied;    /* seconds; 0: it does not wait */
+    ngx_uint_t                seq;        /* the queue's, when sent */
+    ngx_uint_t                ticket;     /* its place, from its first park */
+    unsigned                  parked:1;
+    unsigned                  flagged:1;  /* woken, for its turn to run */
+    unsigned                  woken:1;    /* its claim runs again */
+    unsigned                  listening:1;  /* LISTEN was on when sent */
+} ngx_aq_waiter_t;
 
 /* what an endpoint adds to the shared flow */
 typedef struct {
@@ -260,6 +286,8 @@ struct ngx_aq_ctx_s {
     const ngx_aq_error_t     *error;
     ngx_msec_t                sent;
     ngx_msec_t                db_time;
+
+    ngx_aq_waiter_t           waiter;
 
     /* for the RateLimit headers */
     ngx_uint_t                limit_remaining;
@@ -333,6 +361,10 @@ typedef struct {
     ngx_msec_t                host_timeout;
     size_t                    max_body_size;
     ngx_msec_t                lease;
+    ngx_msec_t                max_wait;
+    ngx_str_t                 listen_database;
+    ngx_array_t              *listen_hosts;
+    ngx_msec_t                listen_host_timeout;
 
     ngx_shm_zone_t           *limit_zone;
     ngx_uint_t                limit_burst;     /* in 1/1000 of a request */
@@ -386,6 +418,17 @@ ngx_int_t ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
 void ngx_aq_pool_done(ngx_aq_pool_t *pool);
 ngx_int_t ngx_aq_pool_send(ngx_aq_pool_t *pool, ngx_aq_query_t *q);
 void ngx_aq_pool_cancel(ngx_aq_query_t *q);
+
+/* ngx_aq_wait.c */
+ngx_int_t ngx_aq_wait_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle);
+void ngx_aq_wait_done(ngx_aq_pool_t *pool);
+void ngx_aq_wait_prefer(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+void ngx_aq_wait_attach(ngx_http_request_t *r, ngx_aq_ctx_t *ctx);
+ngx_int_t ngx_aq_wait_empty(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
+    ngx_int_t next_lease);
+ngx_int_t ngx_aq_wait_answer(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
+    ngx_uint_t item);
+void ngx_aq_wait_cancel(ngx_aq_ctx_t *ctx);
 
 /* ngx_aq_resolve.c */
 ngx_array_t *ngx_aq_hosts_parse(ngx_conf_t *cf, PQconninfoOption *opts,

@@ -72,6 +72,9 @@ ngx_aq_claim_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
     ctx->query.values[1] = (const char *) ctx->id;
     ctx->query.values[2] = (const char *) ctx->lease;
 
+    /* Prefer: wait=N (ngx_aq_wait.c) */
+    ngx_aq_wait_prefer(r, ctx);
+
     return NULL;
 }
 
@@ -95,6 +98,7 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     int          i, row;
     size_t       len;
     u_char      *body, *p;
+    ngx_int_t    rc, next_lease;
     ngx_str_t    v[8];
 
     static const char  *names[] = {
@@ -124,6 +128,38 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     }
 
     if (PQgetisnull(res, row, NGX_AQ_CLAIM_ID)) {
+
+        /* a claim that may wait parks instead (ngx_aq_wait.c) */
+
+        next_lease = -1;
+
+        if (!PQgetisnull(res, row, NGX_AQ_CLAIM_NEXT_LEASE)) {
+            next_lease = ngx_atoi((u_char *) PQgetvalue(res, row,
+                                                    NGX_AQ_CLAIM_NEXT_LEASE),
+                                  PQgetlength(res, row,
+                                              NGX_AQ_CLAIM_NEXT_LEASE));
+        }
+
+        rc = ngx_aq_wait_empty(r, ctx, next_lease);
+
+        if (rc == NGX_DONE) {
+            /* answered later: the request lives on */
+            r->main->count++;
+            return NGX_DONE;
+        }
+
+        if (ngx_aq_wait_answer(r, ctx, 0) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (rc == NGX_BUSY) {
+            return ngx_aq_send_error(r, &ngx_aq_err_pool_saturated);
+        }
+
+        if (rc == NGX_ERROR) {
+            return ngx_aq_send_error(r, &ngx_aq_err_database_unavailable);
+        }
+
         return ngx_aq_send_error(r, &ngx_aq_err_no_items_available);
     }
 
@@ -154,6 +190,10 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
     ctx->item_id.data = body + ngx_strlen(names[0]);
     ctx->item_id.len = v[0].len;
     ctx->outcome = "claimed";
+
+    if (ngx_aq_wait_answer(r, ctx, 1) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     return ngx_aq_send_json(r, NGX_HTTP_OK, body, p - body);
 }

@@ -614,6 +614,38 @@ ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_stmt_e stmt,
 
 
 /*
+ * Sends a statement without parameters as a simple query (the LISTEN of
+ * ngx_aq_wait.c), as ngx_aq_conn_send() does a prepared one.
+ */
+
+ngx_int_t
+ngx_aq_conn_send_sql(ngx_aq_conn_t *ac, const char *sql)
+{
+    ac->state = ngx_aq_conn_busy;
+    ac->c->idle = 0;
+    ac->pipeline = 0;
+    ac->skip = 0;
+    ac->nulls = 0;
+
+    if (!PQsendQuery(ac->pg, sql) || ngx_aq_conn_flush(ac) != NGX_OK) {
+        ngx_log_error(NGX_LOG_WARN, ac->c->log, 0,
+                      "annotation queue: sending \"%s\" failed, "
+                      "closing the connection: %*s", sql,
+                      ngx_aq_pg_error_len(PQerrorMessage(ac->pg)),
+                      PQerrorMessage(ac->pg));
+        ngx_aq_conn_close(ac);
+        return NGX_DECLINED;
+    }
+
+    /* LISTEN's answer: as a statement's */
+
+    ngx_add_timer(ac->c->read, ac->pool->query_timeout + 0);
+
+    return NGX_OK;
+}
+
+
+/*
  * Sends one statement: the prepared one, or its text as an unnamed
  * statement (annotation_queue_prepare off).  With the statement timeout
  * set locally, a set_config() goes before it in one pipeline: both run in
@@ -783,6 +815,12 @@ ngx_aq_conn_idle_handler(ngx_aq_conn_t *ac)
 {
     PGresult          *res;
     ngx_connection_t  *c;
+
+    if (ac->listen) {
+        /* the LISTEN connection: its notifications (ngx_aq_wait.c) */
+        ngx_aq_wait_listener_read(ac);
+        return;
+    }
 
     c = ac->c;
 

@@ -64,6 +64,7 @@ struct ngx_aq_conn_s {
     unsigned                  skip:1;    /* set_config()'s row comes first */
     unsigned                  want_read:1;
     unsigned                  want_write:1;
+    unsigned                  listen:1;  /* ngx_aq_wait.c's LISTEN */
 };
 
 
@@ -72,6 +73,7 @@ ngx_int_t ngx_aq_conn_connect(ngx_aq_conn_t *ac);
 void ngx_aq_conn_resolved(ngx_aq_conn_t *ac, ngx_int_t rc);
 ngx_int_t ngx_aq_conn_send(ngx_aq_conn_t *ac, ngx_aq_stmt_e stmt,
     const char *const *values, const int *lengths, const int *formats);
+ngx_int_t ngx_aq_conn_send_sql(ngx_aq_conn_t *ac, const char *sql);
 ngx_int_t ngx_aq_conn_park(ngx_aq_conn_t *ac);
 ngx_uint_t ngx_aq_conn_clean(ngx_aq_conn_t *ac);
 void ngx_aq_conn_close(ngx_aq_conn_t *ac);
@@ -87,6 +89,12 @@ ngx_uint_t ngx_aq_hosts_current(ngx_aq_conn_t *ac);
 void ngx_aq_pool_conn_ready(ngx_aq_conn_t *ac);
 void ngx_aq_pool_conn_done(ngx_aq_conn_t *ac, PGresult *res);
 void ngx_aq_pool_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome);
+
+/* ngx_aq_wait.c: what the LISTEN connection tells its listener */
+void ngx_aq_wait_listener_ready(ngx_aq_conn_t *ac);
+void ngx_aq_wait_listener_done(ngx_aq_conn_t *ac, PGresult *res);
+void ngx_aq_wait_listener_error(ngx_aq_conn_t *ac);
+void ngx_aq_wait_listener_read(ngx_aq_conn_t *ac);
 
 
 #endif /* _NGX_AQ_CONN_H_INCLUDED_ */

@@ -79,6 +79,10 @@ ngx_aq_pool_init(ngx_aq_pool_t *pool, ngx_cycle_t *cycle)
 
     ngx_aq_status_attach(cycle, pool);
 
+    if (ngx_aq_wait_init(pool, cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     /*
      * The server bounds each statement too: a query the worker gave up on
      * does not run on.  Either at connect, in the "options" startup
@@ -105,6 +109,8 @@ ngx_aq_pool_done(ngx_aq_pool_t *pool)
     if (pool->conns == NULL) {
         return;
     }
+
+    ngx_aq_wait_done(pool);
 
     ngx_aq_pool_fail_waiting(pool, NGX_AQ_QUERY_UNAVAILABLE);
 
@@ -295,6 +301,11 @@ ngx_aq_pool_run(ngx_aq_conn_t *ac, ngx_aq_query_t **qs, ngx_uint_t n)
 void
 ngx_aq_pool_conn_ready(ngx_aq_conn_t *ac)
 {
+    if (ac->listen) {
+        ngx_aq_wait_listener_ready(ac);
+        return;
+    }
+
     if (ngx_exiting && ngx_queue_empty(&ac->pool->waiting)) {
         /* an old worker after a reload: nothing more will come */
         ac->state = ngx_aq_conn_busy;
@@ -319,6 +330,11 @@ ngx_aq_pool_conn_done(ngx_aq_conn_t *ac, PGresult *res)
 {
     ngx_aq_pool_t   *pool;
     ngx_aq_query_t  *q;
+
+    if (ac->listen) {
+        ngx_aq_wait_listener_done(ac, res);
+        return;
+    }
 
     pool = ac->pool;
 
@@ -518,6 +534,11 @@ ngx_aq_pool_conn_error(ngx_aq_conn_t *ac, ngx_uint_t outcome)
     ngx_uint_t       connecting, i, n;
     ngx_aq_pool_t   *pool;
     ngx_aq_query_t  *qs[NGX_AQ_BATCH_MAX];
+
+    if (ac->listen) {
+        ngx_aq_wait_listener_error(ac);
+        return;
+    }
 
     pool = ac->pool;
     connecting = (ac->state == ngx_aq_conn_resolving

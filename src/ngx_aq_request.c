@@ -345,6 +345,9 @@ ngx_aq_request_query(ngx_http_request_t *r, ngx_aq_ctx_t *ctx)
     ctx->sent = ngx_current_msec;
     ctx->db = 1;
 
+    /* a claim that may wait joins its queue's waiters (ngx_aq_wait.c) */
+    ngx_aq_wait_attach(r, ctx);
+
     switch (ngx_aq_pool_send(alcf->pool, q)) {
 
     case NGX_OK:
@@ -374,6 +377,7 @@ ngx_aq_request_cleanup(void *data)
     ngx_aq_ctx_t  *ctx = data;
 
     ngx_aq_pool_cancel(&ctx->query);
+    ngx_aq_wait_cancel(ctx);
 }
 
 
@@ -388,7 +392,8 @@ ngx_aq_request_done(ngx_aq_query_t *q, PGresult *res, ngx_uint_t outcome)
     r = ctx->request;
     c = r->connection;
 
-    ctx->db_time = ngx_current_msec - ctx->sent;
+    /* a claim that waited: the time of each of its claims */
+    ctx->db_time += ngx_current_msec - ctx->sent;
 
     ngx_http_finalize_request(r, ngx_aq_request_respond(r, ctx, res,
                                                         outcome));

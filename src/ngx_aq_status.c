@@ -245,6 +245,7 @@ ngx_aq_status_publish(ngx_aq_pool_t *pool)
     slot->connecting = pool->local.connecting;
     slot->idle = pool->local.idle;
     slot->waiting = pool->local.waiting;
+    slot->waiters = pool->local.waiters;
 }
 
 
@@ -585,7 +586,7 @@ ngx_aq_status_send(ngx_http_request_t *r)
     pools = npools ? amcf->pools->elts : NULL;
 
     len = 1024 + npools * (amcf->workers + 1)
-                 * (6 + NGX_AQ_NSTMTS * NGX_AQ_NOUTCOMES)
+                 * (8 + NGX_AQ_NSTMTS * NGX_AQ_NOUTCOMES)
                  * NGX_AQ_STATUS_LINE_LEN;
 
     if (qs) {
@@ -609,6 +610,8 @@ ngx_aq_status_send(ngx_http_request_t *r)
             sums[i].connecting += st->connecting;
             sums[i].idle += st->idle;
             sums[i].waiting += st->waiting;
+            sums[i].waiters += st->waiters;
+            sums[i].wakeups += st->wakeups;
 
             for (s = 0; s < NGX_AQ_NSTMTS; s++) {
                 for (o = 0; o < NGX_AQ_NOUTCOMES; o++) {
@@ -620,7 +623,7 @@ ngx_aq_status_send(ngx_http_request_t *r)
 
     p = body;
 
-    for (m = 0; m < 4; m++) {
+    for (m = 0; m < 6; m++) {
 
         switch (m) {
 
@@ -646,6 +649,19 @@ ngx_aq_status_send(ngx_http_request_t *r)
             p = ngx_sprintf(p, "# HELP annotation_queue_waiting "
                             "Requests waiting for a free connection\n"
                             "# TYPE annotation_queue_waiting gauge\n");
+            break;
+
+        case 4:
+            p = ngx_sprintf(p, "# HELP annotation_queue_claim_waiters "
+                            "Claims waiting for an item (Prefer: wait)\n"
+                            "# TYPE annotation_queue_claim_waiters gauge\n");
+            break;
+
+        case 5:
+            p = ngx_sprintf(p, "# HELP annotation_queue_claim_wakeups_total "
+                            "Claims of waiting requests run again\n"
+                            "# TYPE annotation_queue_claim_wakeups_total "
+                            "counter\n");
             break;
 
         default:
@@ -723,6 +739,15 @@ ngx_aq_status_metric(u_char *p, ngx_uint_t m, ngx_uint_t pool,
     case 2:
         return ngx_sprintf(p, "annotation_queue_waiting{pool=\"%s\"} %uA\n",
                            id, st->waiting);
+
+    case 4:
+        return ngx_sprintf(p,
+                           "annotation_queue_claim_waiters{pool=\"%s\"} %uA\n",
+                           id, st->waiters);
+
+    case 5:
+        return ngx_sprintf(p, "annotation_queue_claim_wakeups_total"
+                           "{pool=\"%s\"} %uA\n", id, st->wakeups);
 
     default:
         break;

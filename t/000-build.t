@@ -27,6 +27,8 @@ AQ::enqueue_many($queue, 20, prefix => 'build');
     annotation_queue_query_timeout 3s;
     annotation_queue_max_body_size 2k;
     annotation_queue_lease 10m;
+    annotation_queue_max_wait 30s;
+    annotation_queue_listen_database "host=127.0.0.1 port=5432 dbname=direct";
 _EOC_
             annotation_queue_database "host=127.0.0.1 port=5432 user=nobody dbname=elsewhere";
             annotation_queue_pool_size 2;
@@ -35,6 +37,8 @@ _EOC_
             annotation_queue_query_timeout 1s;
             annotation_queue_max_body_size 512;
             annotation_queue_lease 1h;
+            annotation_queue_max_wait 0;
+            annotation_queue_listen_database "host=127.0.0.1 dbname=listen";
 _EOC_
     is($rc, 0, 'nginx -t accepts every directive at http and location level')
         or diag $out;
@@ -172,6 +176,20 @@ refused('annotation_queue_database twice in one location',
             annotation_queue_database "host=127.0.0.1 dbname=one";
             annotation_queue_database "host=127.0.0.2 dbname=two";
 _EOC_
+refused('annotation_queue_listen_database twice in one location',
+        '"annotation_queue_listen_database" directive is duplicate',
+        location => <<'_EOC_', at => qr/dbname=two/);
+            annotation_queue_listen_database "host=127.0.0.1 dbname=one";
+            annotation_queue_listen_database "host=127.0.0.2 dbname=two";
+_EOC_
+refused('annotation_queue_listen_database that libpq cannot parse',
+        qr/invalid "annotation_queue_listen_database": .*/,
+        location => '            annotation_queue_listen_database "dbname=x =oops";',
+        at => qr/=oops/);
+refused('annotation_queue_max_wait that is not a time',
+        qr/"annotation_queue_max_wait" directive invalid value/,
+        location => '            annotation_queue_max_wait soon;',
+        at => qr/max_wait soon/);
 refused('two endpoint directives in one location (claim, then extend)',
         '"annotation_queue_extend" directive conflicts with another endpoint or content handler of this location (one a location)',
         location => '            annotation_queue_extend;',
@@ -339,8 +357,10 @@ _EOC_
               ['annotation_queue_pool_size gauge',
                'annotation_queue_connections gauge',
                'annotation_queue_waiting gauge',
-               'annotation_queue_answers_total counter'],
-              'the status page without pools declares its four metrics');
+               'annotation_queue_answers_total counter',
+               'annotation_queue_claim_waiters gauge',
+               'annotation_queue_claim_wakeups_total counter'],
+              'the status page without pools declares its six metrics');
 
     kill 'QUIT', $pid;
     my $exited = AQ::Faults::wait_until(10, sub {

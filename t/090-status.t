@@ -383,6 +383,12 @@ annotation_queue_answers_total{pool="0",worker="all",endpoint="complete",outcome
 annotation_queue_answers_total{pool="0",worker="all",endpoint="complete",outcome="stale_claim"} 1
 annotation_queue_answers_total{pool="0",worker="all",endpoint="extend",outcome="extended"} 1
 annotation_queue_answers_total{pool="0",worker="all",endpoint="release",outcome="released"} 1
+# TYPE annotation_queue_claim_waiters gauge
+annotation_queue_claim_waiters{pool="0",worker="0"} 0
+annotation_queue_claim_waiters{pool="0",worker="all"} 0
+# TYPE annotation_queue_claim_wakeups_total counter
+annotation_queue_claim_wakeups_total{pool="0",worker="0"} 0
+annotation_queue_claim_wakeups_total{pool="0",worker="all"} 0
 # TYPE annotation_queue_connections gauge
 annotation_queue_connections{pool="0",worker="0",state="busy"} 0
 annotation_queue_connections{pool="0",worker="0",state="connecting"} 0
