@@ -896,6 +896,9 @@ sub parallel {
                    ? JSON::PP->new->utf8->allow_nonref->decode($text)
                    : { died => 'no result (killed?)' };
     }
+    # now: CLEANUP waits for the suite's end, which a suite that exits
+    # through POSIX::_exit or a signal never reaches
+    File::Path::remove_tree($dir);
     return \@res;
 }
 
