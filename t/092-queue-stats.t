@@ -263,7 +263,7 @@ my $want_b = 'available=1 claimed=0 expired=0 completed=0 failed=2';
 
 # the interval: long enough for two page reads and a database change in
 # between on a loaded machine
-my $interval = 4 * AQ::slow();
+my $interval = 2 * AQ::slow();
 my $sport = AQ::free_port();
 my $ngx = AQ::start_nginx(http => <<"_EOC_");
     server {

@@ -1,5 +1,5 @@
 # Exclusivity under load, the short form of t/manual/exclusivity.pl (make
-# test-exclusivity runs the full one: 100,000 items, 64 clients): 4,000
+# test-exclusivity runs the full one: 100,000 items, 64 clients): 2,500
 # items drained by 32 clients through two workers, once steadily and once
 # with PostgreSQL stopped and started in the middle.  Every answer is joined
 # with the database: each item delivered once, none lost, each held by the
@@ -14,7 +14,7 @@ use lib 't/lib';
 use Test::More;
 
 my %env = (
-    AQ_EXCL_ITEMS   => $ENV{AQ_EXCL_ITEMS}   // 4000,
+    AQ_EXCL_ITEMS   => $ENV{AQ_EXCL_ITEMS}   // 2500,
     AQ_EXCL_CLIENTS => $ENV{AQ_EXCL_CLIENTS} // 32,
 );
 local @ENV{ keys %env } = values %env;

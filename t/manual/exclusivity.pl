@@ -10,7 +10,7 @@
 #   perl -I t/lib t/manual/exclusivity.pl                     # the same, built already
 #   AQ_EXCL_ITEMS=5000 perl -I t/lib t/manual/exclusivity.pl  # a quick check
 #
-# make test runs a short form (4,000 items, 32 clients): t/135-exclusivity.t.
+# make test runs a short form (2,500 items, 32 clients): t/135-exclusivity.t.
 #
 # Environment: AQ_EXCL_ITEMS (100000), AQ_EXCL_CLIENTS (64), AQ_EXCL_WORKERS
 # (2), AQ_EXCL_POOL (8, per worker), AQ_EXCL_DOWN (seconds PostgreSQL stays
