@@ -33,18 +33,21 @@ sub unescape {
 }
 
 my $STR = qr/"(?:[^"\\]|\\.)*"/;
-my $ARG = qr/(?:$STR|[A-Z_][A-Z0-9_]*)/;
+my $ARG = qr/(?:$STR|[A-Za-z_][A-Za-z0-9_]*)/;
 
+# An argument's text: a string literal's, a macro's, or (inside a
+# function-like macro) the text its parameter of that name was given.
 sub arg_text {
-    my ($a, $depth) = @_;
+    my ($a, $depth, $params) = @_;
     return unescape(substr($a, 1, -1)) if $a =~ /\A"/;
+    return $params->{$a} if exists $params->{$a};
     return expand($a, $depth + 1, []);
 }
 
 sub expand {
     my ($name, $depth, $args) = @_;
     die "claim-sql: macros nested too deep at $name\n" if $depth > 8;
-    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?:\(([a-z_, ]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
+    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?![A-Za-z0-9_])(?:\(([a-z_, ]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
         or die "claim-sql: no #define $name in $header\n";
     my @params = defined $1 ? split(/\s*,\s*/, $1) : ();
     (my $body = $2) =~ s/\\\n/\n/g;
@@ -57,7 +60,8 @@ sub expand {
         if (defined $2) {
             my ($m, $list) = ($2, $3);
             my @a = defined $list ? ($list =~ /($ARG)/g) : ();
-            $sql .= expand($m, $depth + 1, [map { arg_text($_, $depth) } @a]);
+            $sql .= expand($m, $depth + 1,
+                           [map { arg_text($_, $depth, \%arg) } @a]);
             next;
         }
         if (defined $4) {

@@ -60,6 +60,9 @@ typedef enum {
     NGX_AQ_STMT_RELEASE_QUEUE,
     NGX_AQ_STMT_COMPLETE_QUEUE,
     NGX_AQ_STMT_SKIP_QUEUE,
+
+    /* the claim when the lean one will not do (ngx_aq_sql.h) */
+    NGX_AQ_STMT_CLAIM_WIDE,
     NGX_AQ_NPREPARED
 } ngx_aq_stmt_e;
 
@@ -113,8 +116,11 @@ typedef struct {
     /* a failure that undid the statement and that running it again removes */
     ngx_uint_t              (*retryable)(PGresult *res);
 
-    /* an answer that committed a step and asks for the statement again */
-    ngx_uint_t              (*again)(PGresult *res);
+    /*
+     * an answer that asks for the query again, as it is or with another
+     * statement (set in q), each time one step nearer its answer
+     */
+    ngx_uint_t              (*again)(ngx_aq_query_t *q, PGresult *res);
 } ngx_aq_rules_t;
 
 

@@ -19,7 +19,7 @@ static void ngx_aq_claim_batch_params(ngx_aq_query_t **qs, ngx_uint_t n,
 static ngx_uint_t ngx_aq_claim_batch_fits(PGresult *res, ngx_uint_t n);
 static ngx_uint_t ngx_aq_claim_batch_rerun(PGresult *res, ngx_uint_t i);
 static ngx_uint_t ngx_aq_claim_retryable(PGresult *res);
-static ngx_uint_t ngx_aq_claim_again(PGresult *res);
+static ngx_uint_t ngx_aq_claim_again(ngx_aq_query_t *q, PGresult *res);
 
 
 /* the claim's columns, in the single claim and the batch alike */
@@ -30,7 +30,8 @@ static ngx_uint_t ngx_aq_claim_again(PGresult *res);
 #define NGX_AQ_CLAIM_COMPLETED    9
 #define NGX_AQ_CLAIM_AGAIN        10
 #define NGX_AQ_CLAIM_NEXT_LEASE   11
-#define NGX_AQ_CLAIM_COLUMNS      12
+#define NGX_AQ_CLAIM_WIDE         12
+#define NGX_AQ_CLAIM_COLUMNS      13
 
 
 static const ngx_aq_rules_t  ngx_aq_claim_rules = {
@@ -207,7 +208,11 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 static ngx_uint_t
 ngx_aq_claim_joins(ngx_aq_query_t *first, ngx_aq_query_t *q)
 {
-    return ngx_strcmp(q->values[1], first->values[1]) == 0
+    /* a claim that needs the wide statement needs it in a batch too */
+
+    return first->stmt == NGX_AQ_STMT_CLAIM
+           && q->stmt == NGX_AQ_STMT_CLAIM
+           && ngx_strcmp(q->values[1], first->values[1]) == 0
            && ngx_strcmp(q->values[2], first->values[2]) == 0;
 }
 
@@ -300,18 +305,35 @@ ngx_aq_claim_retryable(PGresult *res)
 
 
 /*
- * The claim met a slot whose lease expired for the last time its queue
- * allows, marked it failed and took nothing: that is committed, and the
- * claim runs again for the next candidate (each run fails a slot at most
- * once, so the runs end).
+ * The claim runs again when its answer says:
+ *
+ *   wide   the lean claim met a queue of overlap > 1 or a key with
+ *          exclusions in the queue: the wide claim answers (it never says
+ *          wide itself), alone;
+ *   again  it met a slot whose lease expired for the last time its queue
+ *          allows, marked it failed and took nothing: that is committed,
+ *          and it runs again for the next candidate (each run fails a slot
+ *          at most once, so the runs end).
  */
 
 static ngx_uint_t
-ngx_aq_claim_again(PGresult *res)
+ngx_aq_claim_again(ngx_aq_query_t *q, PGresult *res)
 {
-    return res != NULL
-           && PQresultStatus(res) == PGRES_TUPLES_OK
-           && PQntuples(res) == 1
-           && PQnfields(res) == NGX_AQ_CLAIM_COLUMNS
-           && PQgetvalue(res, 0, NGX_AQ_CLAIM_AGAIN)[0] == 't';
+    if (res == NULL
+        || PQresultStatus(res) != PGRES_TUPLES_OK
+        || PQntuples(res) != 1
+        || PQnfields(res) != NGX_AQ_CLAIM_COLUMNS)
+    {
+        return 0;
+    }
+
+    if (PQgetvalue(res, 0, NGX_AQ_CLAIM_WIDE)[0] == 't'
+        && q->stmt == NGX_AQ_STMT_CLAIM)
+    {
+        q->stmt = NGX_AQ_STMT_CLAIM_WIDE;
+        q->single = 1;
+        return 1;
+    }
+
+    return PQgetvalue(res, 0, NGX_AQ_CLAIM_AGAIN)[0] == 't';
 }

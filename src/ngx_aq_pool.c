@@ -486,8 +486,8 @@ ngx_aq_pool_rerun(ngx_aq_conn_t *ac, PGresult *res, ngx_aq_query_t *q)
         return 0;
     }
 
-    if (q->rules->again(res)) {
-        /* it committed a step of its own and took nothing: no limit */
+    if (q->rules->again(q, res)) {
+        /* a step nearer its answer each time: no limit */
 
         ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ac->c->log, 0,
                        "annotation queue: statement asks to run again");

@@ -150,6 +150,9 @@
  * q the queue).
  */
 
+#define NGX_AQ_OVERLAP_SQL_R                                                  \
+    NGX_AQ_OVERLAP_SQL("r")
+
 #define NGX_AQ_OVERLAP_SQL(r)                                                 \
     "       (SELECT overlap FROM q), "                                        \
     "       CASE WHEN " r ".id IS NULL THEN NULL "                            \
@@ -226,7 +229,7 @@
  * (-2147483649 and 2147483647) lie beyond every priority.
  */
 
-#define NGX_AQ_CLAIM_SQL                                                      \
+#define NGX_AQ_CLAIM_OF_SQL(wide, walk, exclude, overlap, again)             \
     "WITH RECURSIVE k AS ( "                                                  \
     "    SELECT id, org_id "                                                  \
     "      FROM annotation_queue.api_keys "                                   \
@@ -236,7 +239,8 @@
     "), q AS ( "                                                              \
     "    SELECT q.id, now() AS at, "                                          \
     "           now() + coalesce(q.lease, $3 * interval '1 millisecond') "    \
-    "           AS lease_end, q.overlap, q.max_attempts "                     \
+    "           AS lease_end, q.overlap, q.max_attempts, "                    \
+    wide                                                                      \
     "      FROM annotation_queue.queues q, k "                                \
     "     WHERE q.id = $2 AND q.org_id = k.org_id "                           \
     "), mine AS MATERIALIZED ( "                                              \
@@ -266,10 +270,10 @@
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     "       FOR UPDATE SKIP LOCKED "                                          \
     NGX_AQ_WALK_HEAD_SQL                                                      \
-    "     WHERE EXISTS (SELECT 1 FROM q) "                                    \
+    walk                                                                      \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    NGX_AQ_NEXT_SQL("1", NGX_AQ_EXCLUDE_SQL)                                  \
+    NGX_AQ_NEXT_SQL("1", exclude)                                             \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
@@ -298,15 +302,61 @@
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
     "       to_char(r.lease_expires_at AT TIME ZONE 'UTC', "                  \
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
-    NGX_AQ_OVERLAP_SQL("r")                                                   \
+    overlap                                                                   \
     "       r.id IS NULL "                                                    \
     "       AND EXISTS (SELECT 1 FROM claimed WHERE status = 'failed'), "     \
     "       CASE WHEN r.id IS NULL THEN "                                     \
     "           (SELECT ceil(extract(epoch FROM min(w.since) - now()) "       \
     "                        * 1000)::int8 "                                  \
-    "              FROM walk w WHERE w.since > now()) END "                   \
+    "              FROM walk w WHERE w.since > now()) END, "                  \
+    again                                                                     \
     "  FROM (SELECT 1) AS one "                                               \
     "  LEFT JOIN r ON true "
+
+/*
+ * The single claim, lean: what a queue of overlap 1 needs when the key has
+ * no exclusions there (the one-rater claim, no probe of exclusions per
+ * candidate, no count of an item's ratings).  Anything else (a queue of
+ * overlap > 1, a key that skipped an item of the queue) it only finds out,
+ * by one probe of exclusions_key_idx, and says so in its last column
+ * (wide): it hands out nothing new (the walk does not run) and the module
+ * runs the wide claim instead, which answers.  Whatever it did meanwhile
+ * (a resume, the key's own expired slot) is what the wide claim does too.
+ */
+
+#define NGX_AQ_CLAIM_LEAN_WIDE_SQL                                            \
+    "           (q.overlap > 1 OR EXISTS ( "                                  \
+    "               SELECT 1 FROM annotation_queue.exclusions x "             \
+    "                WHERE x.key_id = k.id AND x.queue_id = $2 "              \
+    "                  AND x.reason IS NOT NULL)) AS wide "
+
+#define NGX_AQ_CLAIM_LEAN_WALK_SQL                                            \
+    "     WHERE EXISTS (SELECT 1 FROM q WHERE NOT q.wide) "
+
+#define NGX_AQ_CLAIM_LEAN_OVERLAP_SQL                                         \
+    "       1, 0, "
+
+#define NGX_AQ_CLAIM_LEAN_AGAIN_SQL                                           \
+    "       EXISTS (SELECT 1 FROM q WHERE q.wide) "
+
+#define NGX_AQ_CLAIM_SQL                                                      \
+    NGX_AQ_CLAIM_OF_SQL(NGX_AQ_CLAIM_LEAN_WIDE_SQL,                           \
+                        NGX_AQ_CLAIM_LEAN_WALK_SQL, "",                       \
+                        NGX_AQ_CLAIM_LEAN_OVERLAP_SQL,                        \
+                        NGX_AQ_CLAIM_LEAN_AGAIN_SQL)
+
+
+/*
+ * The single claim, wide: every candidate probed in exclusions, the
+ * queue's overlap and the item's completed ratings answered.
+ */
+
+#define NGX_AQ_CLAIM_WIDE_SQL                                                 \
+    NGX_AQ_CLAIM_OF_SQL("false AS wide ",                                     \
+                        "     WHERE EXISTS (SELECT 1 FROM q) ",               \
+                        NGX_AQ_EXCLUDE_SQL, NGX_AQ_OVERLAP_SQL_R,             \
+                        "       false ")
+
 
 
 /*
@@ -407,7 +457,7 @@
     "       to_char(got.lease_expires_at AT TIME ZONE 'UTC', "                \
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
     NGX_AQ_OVERLAP_SQL("got")                                                 \
-    "       false, NULL::int8 "                                               \
+    "       false, NULL::int8, false "                                        \
     "  FROM req "                                                             \
     "  LEFT JOIN k USING (ord) "                                              \
     "  LEFT JOIN kq USING (ord) "                                             \
@@ -659,7 +709,10 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NPREPARED] = {
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_JSONB, NGX_AQ_UUID } },
 
     { "ngx_aq_skip_queue", NGX_AQ_SKIP_QUEUE_SQL, 5,
-      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } }
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } },
+
+    { "ngx_aq_claim_wide", NGX_AQ_CLAIM_WIDE_SQL, 3,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0, 0 } }
 };
 
 

@@ -224,13 +224,16 @@ $dbh->do(q{INSERT INTO annotation_queue.items (queue_id, payload)
          undef, $plan_q);
 $dbh->do('VACUUM ANALYZE annotation_queue.items');
 $dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single_sql");
+my $wide_sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_WIDE_SQL`;
+$dbh->do("PREPARE plan_wide (bytea, uuid, int8) AS $wide_sql");
 $dbh->do("PREPARE plan_batch (text[], uuid, int8) AS $sql");
 my @plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'k3'],
+                  ['wide', 'EXECUTE plan_wide (decode(?, \'hex\'), ?, 900000)', 'k3'],
                   ['batch', 'EXECUTE plan_batch (?, ?, 900000)', 'k1', 'k2']);
 sub plan_arg {
     my ($stmt) = @_;
     my @names = @$stmt[2 .. $#$stmt];
-    return $stmt->[0] eq 'single' ? digest($key{ $names[0] })
+    return $stmt->[0] =~ /^(?:single|wide)/ ? digest($key{ $names[0] })
                                   : '{' . join(',', map { digest($key{$_}) } @names) . '}';
 }
 for my $mode (qw(force_generic_plan force_custom_plan)) {
@@ -314,7 +317,8 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
 # trigger's, sql/007), and every scan of exclusions states the queue too.
 {
     my %text = map { $_ => scalar `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h $_` }
-               qw(NGX_AQ_CLAIM_SQL NGX_AQ_CLAIM_BATCH_SQL NGX_AQ_EXTEND_SQL
+               qw(NGX_AQ_CLAIM_SQL NGX_AQ_CLAIM_WIDE_SQL NGX_AQ_CLAIM_BATCH_SQL
+                  NGX_AQ_EXTEND_SQL
                   NGX_AQ_RELEASE_SQL NGX_AQ_COMPLETE_SQL NGX_AQ_SKIP_SQL
                   NGX_AQ_EXTEND_QUEUE_SQL NGX_AQ_RELEASE_QUEUE_SQL
                   NGX_AQ_COMPLETE_QUEUE_SQL NGX_AQ_SKIP_QUEUE_SQL);
@@ -376,6 +380,7 @@ AQ::enqueue($dirty, undef, '{"dirty": -2}', -2) for 1 .. 5;
 $dbh->do('VACUUM ANALYZE annotation_queue.items');
 $key{$_} = AQ::key($org, rater => $_) for qw(dirty-1 dirty-2 dirty-3);
 @plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
+               ['wide single', 'EXECUTE plan_wide (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
                ['batch of one', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-1'],
                ['batch of two', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-2', 'dirty-3']);
 for my $mode (qw(force_generic_plan force_custom_plan)) {
@@ -403,11 +408,13 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
 # --- exclusions: a probe per candidate -----------------------------------
 #
 # A key with 5,000 exclusions in the dirty queue (items it skipped, or
-# slots it took in a queue of overlap > 1), the head among them: the single
-# claim leaves the head out by one probe of exclusions_pkey per candidate
-# (queue, item and key in its index condition), never by reading the key's
-# exclusions, so it still reads fewer than 100 buffers, and takes the next
-# item.  The batch serves no key with exclusions (the single claim does).
+# slots it took in a queue of overlap > 1), the head among them: the lean
+# claim takes nothing and says "wide" (one probe of exclusions_key_idx);
+# the wide claim leaves the head out by one probe of exclusions_pkey per
+# candidate (queue, item and key in its index condition), never by reading
+# the key's exclusions, so it still reads fewer than 100 buffers, and takes
+# the next item.  The batch serves no key with exclusions (the single
+# claims do).
 {
     my $k = AQ::key($org, rater => 'dirty-excluded');
     $key{'dirty-excluded'} = $k;
@@ -420,7 +427,14 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
                    (item_id, key_id, queue_id, reason)
                VALUES (?, ?, ?, 'skipped')}, undef, $head, $kid, $dirty);
     $dbh->do('ANALYZE annotation_queue.exclusions');
-    my $stmt = ['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)',
+    $dbh->begin_work;
+    my $lean = $dbh->selectrow_arrayref(
+        'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', undef,
+        digest($k), $dirty);
+    $dbh->rollback;
+    is_deeply([@$lean[2, 12]], [undef, 1],
+              'exclusions, lean claim: it takes nothing and says "wide"');
+    my $stmt = ['wide', 'EXECUTE plan_wide (decode(?, \'hex\'), ?, 900000)',
                 'dirty-excluded'];
     for my $mode (qw(force_generic_plan force_custom_plan)) {
         $dbh->do("SET plan_cache_mode = $mode");
@@ -436,10 +450,10 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
         is_deeply([grep { !/^exclusions_pkey: .*queue_id = .*item_id = .*key_id = /
                           && !/^exclusions_pkey: .*key_id = .*item_id = /
                         } @probes], [],
-                  "exclusions, single claim, $mode: every read of exclusions "
+                  "exclusions, wide claim, $mode: every read of exclusions "
                   . 'probes its primary key by queue, item and key')
             or diag join "\n", @probes, @$lines;
-        cmp_ok(scalar @probes, '>=', 2, "exclusions, single claim, $mode: "
+        cmp_ok(scalar @probes, '>=', 2, "exclusions, wide claim, $mode: "
                                         . 'both candidates probe it');
         $dbh->begin_work;
         my $json = $dbh->selectrow_array("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) $stmt->[1]",
@@ -450,10 +464,10 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
         $dbh->rollback;
         my $plan = JSON::PP->new->decode($json)->[0]{Plan};
         my $buffers = $plan->{'Shared Hit Blocks'} + $plan->{'Shared Read Blocks'};
-        cmp_ok($buffers, '<', 100, "exclusions, single claim, $mode: fewer than 100 "
+        cmp_ok($buffers, '<', 100, "exclusions, wide claim, $mode: fewer than 100 "
                                    . "buffers with 5,000 exclusions (read $buffers)");
-        is(scalar @$took, 1, "exclusions, single claim, $mode: it takes an item");
-        isnt($took->[0] // '', $head, "exclusions, single claim, $mode: ... not the "
+        is(scalar @$took, 1, "exclusions, wide claim, $mode: it takes an item");
+        isnt($took->[0] // '', $head, "exclusions, wide claim, $mode: ... not the "
                                       . 'head it may no longer take');
     }
     my $rows = batch($dirty, 'dirty-excluded');

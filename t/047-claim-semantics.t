@@ -383,7 +383,7 @@ for my $end (qw(commit rollback)) {
     is_deeply([map { outcome($_) } @$r], ['500 internal_error', '500 internal_error'],
               "$what: every request of the batch answers 500 internal_error")
         or diag explain $r;
-    my $logged = log_lines($ngx, qr/a batch of 2 queries returned 3 rows of 12 columns/);
+    my $logged = log_lines($ngx, qr/a batch of 2 queries returned 3 rows of 13 columns/);
     is(scalar @$logged, 1, "$what: the cause is logged once") or diag $ngx->error_log;
     is_deeply(log_lines($ngx, qr/\[error\]/), $logged,
               "$what: ... and nothing else at [error] (no request logs a missing result)")
