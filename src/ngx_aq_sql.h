@@ -482,14 +482,18 @@
  * NULLs (a stale version, an item no longer held).
  */
 
-#define NGX_AQ_ITEM_HEAD_SQL                                                  \
+/* the key of an item statement, live ($1 its digest), then the item's CTE */
+#define NGX_AQ_ITEM_KEY_SQL                                                   \
     "WITH k AS ( "                                                            \
     "    SELECT id, org_id "                                                  \
     "      FROM annotation_queue.api_keys "                                   \
     "     WHERE key_hash = $1 "                                               \
     "       AND revoked_at IS NULL "                                          \
     "       AND (expires_at IS NULL OR expires_at > now()) "                  \
-    "), it AS ( "                                                             \
+    "), it AS ( "
+
+#define NGX_AQ_ITEM_HEAD_SQL                                                  \
+    NGX_AQ_ITEM_KEY_SQL                                                       \
     "    SELECT i.id "                                                        \
     "      FROM annotation_queue.items i "                                    \
     "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
@@ -569,13 +573,7 @@
  */
 
 #define NGX_AQ_ITEM_HEAD_QUEUE_SQL                                            \
-    "WITH k AS ( "                                                            \
-    "    SELECT id, org_id "                                                  \
-    "      FROM annotation_queue.api_keys "                                   \
-    "     WHERE key_hash = $1 "                                               \
-    "       AND revoked_at IS NULL "                                          \
-    "       AND (expires_at IS NULL OR expires_at > now()) "                  \
-    "), it AS ( "                                                             \
+    NGX_AQ_ITEM_KEY_SQL                                                       \
     "    SELECT i.id "                                                        \
     "      FROM annotation_queue.items i "                                    \
     "      JOIN annotation_queue.queues q ON q.id = i.queue_id "              \
