@@ -1,19 +1,28 @@
 -- 007_exclusion_notes: the claim and the skip note their exclusions
 -- through the row they update, not with an INSERT of their own.
 --
--- A claim that takes a slot of a queue of overlap > 1 sets items.exclude to
--- 'claimed', a skip sets it to 'skipped'; a BEFORE UPDATE trigger (only for
--- such rows: WHEN exclude IS NOT NULL) writes the exclusion of 006 (the
--- item, the key that claimed or skipped it, the queue, the reason) and
--- stores NULL: the column is never anything else at rest.  The same rows
--- as before, in the same transaction as the update; nothing changes for a
--- client.
+-- The wide claim, when it takes a slot of a queue of overlap > 1, sets
+-- items.exclude to 'claimed'; a skip sets it to 'skipped'.  An AFTER
+-- UPDATE OF exclude trigger (WHEN it is not NULL) writes the exclusion of
+-- 006: the item, the key that claimed (NEW.claimed_by) or skipped
+-- (OLD.claimed_by) it, the queue, the reason.  At rest the column holds the
+-- last note made through the row; nothing reads it.  The same rows as an
+-- INSERT of the statement would write, in the same transaction; nothing
+-- changes for a client.
 --
--- Why: on Citus (sql/citus/), a statement that names one queue runs on the
--- worker that holds it as one task only if its CTEs are SELECT, UPDATE or
--- DELETE: the claim's and the skip's INSERT INTO exclusions would make
--- them multi-step distributed plans.  A trigger on a shard may write to a
--- co-located shard (exclusions is co-located with items there).
+-- Why a trigger: on Citus (sql/citus/), a statement that names one queue
+-- runs on the worker that holds it as one task only if its CTEs are
+-- SELECT, UPDATE or DELETE: the claim's and the skip's INSERT INTO
+-- exclusions would make them multi-step distributed plans.  A trigger on a
+-- shard may write to a co-located shard (exclusions is co-located with
+-- items there).
+--
+-- Why AFTER UPDATE OF exclude: a BEFORE UPDATE row trigger, whatever its
+-- WHEN, makes every UPDATE of items fetch and lock the old row once more
+-- before the trigger is even considered; every claim paid for it.  An
+-- AFTER trigger on a column is not even considered by an UPDATE that does
+-- not set that column: the lean claim, the batch, extend, release and
+-- complete do not.
 
 BEGIN;
 
@@ -34,6 +43,10 @@ BEGIN
         holder := NEW.claimed_by;
     END IF;
 
+    IF holder IS NULL THEN
+        RETURN NULL;
+    END IF;
+
     INSERT INTO annotation_queue.exclusions AS x
            (item_id, key_id, queue_id, reason)
     VALUES (NEW.id, holder, NEW.queue_id, NEW.exclude)
@@ -41,13 +54,12 @@ BEGIN
     DO UPDATE SET reason = 'skipped'
          WHERE excluded.reason = 'skipped';
 
-    NEW.exclude := NULL;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER items_note_exclusion
-    BEFORE UPDATE ON annotation_queue.items
+    AFTER UPDATE OF exclude ON annotation_queue.items
     FOR EACH ROW
     WHEN (NEW.exclude IS NOT NULL)
     EXECUTE FUNCTION annotation_queue.note_exclusion();

@@ -138,8 +138,18 @@
     "           attempts = i.attempts + CASE WHEN " NGX_AQ_FAILS_SQL          \
     "                                        THEN 0 ELSE 1 END, "             \
     "           expirations = i.expirations "                                 \
-    "                         + (i.status = 'claimed')::int, "                \
-    "           exclude = CASE WHEN q.overlap > 1 "                           \
+    "                         + (i.status = 'claimed')::int "
+
+
+/*
+ * The wide claim's note of the slot it takes in a queue of overlap > 1:
+ * the trigger of sql/007 writes it to annotation_queue.exclusions.  The
+ * other claims do not set the column, so that the trigger is not even
+ * considered for them.
+ */
+
+#define NGX_AQ_CLAIM_NOTE_SQL                                                 \
+    "         , exclude = CASE WHEN q.overlap > 1 "                           \
     "                          AND NOT " NGX_AQ_FAILS_SQL                     \
     "                          THEN 'claimed' END "
 
@@ -229,7 +239,7 @@
  * (-2147483649 and 2147483647) lie beyond every priority.
  */
 
-#define NGX_AQ_CLAIM_OF_SQL(wide, walk, exclude, overlap, again)             \
+#define NGX_AQ_CLAIM_OF_SQL(wide, walk, exclude, note, overlap, again)       \
     "WITH RECURSIVE k AS ( "                                                  \
     "    SELECT id, org_id "                                                  \
     "      FROM annotation_queue.api_keys "                                   \
@@ -282,6 +292,7 @@
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
     NGX_AQ_CLAIM_SET_SQL("k.id")                                              \
+    note                                                                      \
     "      FROM cand, k, q "                                                  \
     "     WHERE i.id = cand.id AND i.slot = cand.slot "                       \
     "       AND i.version = cand.version AND i.queue_id = $2 "                \
@@ -341,7 +352,7 @@
 
 #define NGX_AQ_CLAIM_SQL                                                      \
     NGX_AQ_CLAIM_OF_SQL(NGX_AQ_CLAIM_LEAN_WIDE_SQL,                           \
-                        NGX_AQ_CLAIM_LEAN_WALK_SQL, "",                       \
+                        NGX_AQ_CLAIM_LEAN_WALK_SQL, "", "",                   \
                         NGX_AQ_CLAIM_LEAN_OVERLAP_SQL,                        \
                         NGX_AQ_CLAIM_LEAN_AGAIN_SQL)
 
@@ -354,7 +365,8 @@
 #define NGX_AQ_CLAIM_WIDE_SQL                                                 \
     NGX_AQ_CLAIM_OF_SQL("false AS wide ",                                     \
                         "     WHERE EXISTS (SELECT 1 FROM q) ",               \
-                        NGX_AQ_EXCLUDE_SQL, NGX_AQ_OVERLAP_SQL_R,             \
+                        NGX_AQ_EXCLUDE_SQL, NGX_AQ_CLAIM_NOTE_SQL,            \
+                        NGX_AQ_OVERLAP_SQL_R,                                 \
                         "       false ")
 
 

@@ -196,7 +196,9 @@ sub contract {
             is((claim($c, $key2, $qa))[0], '200 claimed v3',
                "skip: another key gets it$on");
         }
-        is($after->{exclude}, undef, "$action: items.exclude is NULL at rest$on");
+        is($after->{exclude}, $action eq 'skip' ? 'skipped' : undef,
+           "$action: items.exclude holds the row's last note ("
+           . ($action eq 'skip' ? 'skipped' : 'none') . ")$on");
     }
 
     # overlap 2: a key takes one slot; the claim notes it (the trigger)
@@ -215,8 +217,12 @@ sub contract {
     is((claim($c, $key2, $q2))[0], '200 claimed v3',
        "overlap 2: another key gets the released slot (the first)$on");
     is(AQ::dbh()->selectrow_array(
-           q{SELECT count(*) FROM annotation_queue.items WHERE exclude IS NOT NULL}),
-       0, "items.exclude is NULL on every row$on");
+           q{SELECT count(*) FROM annotation_queue.items i
+              WHERE i.exclude IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM annotation_queue.exclusions x
+                                 WHERE x.queue_id = i.queue_id
+                                   AND x.item_id = i.id)}),
+       0, "every note of items.exclude is in annotation_queue.exclusions$on");
 
     AQ::stop_nginx($ngx);
     my $log = AQ::slurp("$ngx->{prefix}/logs/error.log");
