@@ -94,15 +94,7 @@ setup() {   # dsn citus(0|1) -> "queue1 queue2"
         q2=$(psql_ -c "SELECT annotation_queue.create_queue('$org', 'bench-2')")
     fi
     for q in $q1 $q2; do
-        psql_ -v queue="$q" -v items="$ITEMS" <<'SQL'
-INSERT INTO annotation_queue.items (queue_id, payload)
-SELECT :'queue',
-       jsonb_build_object('prompt', 'Rate the answer to question #' || g,
-                          'answer', 'Benchmark answer ' || g || ': '
-                                    || md5(g::text),
-                          'model', 'bench-model')
-  FROM generate_series(1, :items) AS g;
-SQL
+        bench_items "$q" 1 "$ITEMS"
     done
     bench_keys "$org" "$KEYS" >/dev/null
     psql_ -c 'VACUUM (ANALYZE) annotation_queue.items' -c 'VACUUM (ANALYZE) annotation_queue.api_keys' >/dev/null

@@ -135,15 +135,7 @@ for s in $SIZES; do
     while [ "$done_" -lt "$s" ]; do
         n=$((s - done_ < CHUNK ? s - done_ : CHUNK))
         t1=$(date +%s.%N)
-        psql_ -v queue="${QID[$s]}" -v from=$((g0 + done_ + 1)) -v to=$((g0 + done_ + n)) <<'SQL'
-INSERT INTO annotation_queue.items (queue_id, payload)
-SELECT :'queue',
-       jsonb_build_object('prompt', 'Rate the answer to question #' || g,
-                          'answer', 'Benchmark answer ' || g || ': '
-                                    || md5(g::text),
-                          'model', 'bench-model')
-  FROM generate_series(:from, :to) AS g;
-SQL
+        bench_items "${QID[$s]}" $((g0 + done_ + 1)) $((g0 + done_ + n))
         done_=$((done_ + n))
         [ "$s" -le "$CHUNK" ] || log "queue of $s: $done_ items loaded ($(elapsed "$t1") s for the last $n)"
     done

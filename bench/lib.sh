@@ -82,6 +82,20 @@ bench_workdir() {
     trap 'exit 130' INT TERM
 }
 
+# The bench's items: {"prompt", "answer", "model"} number from to of a
+# queue, in one INSERT ... SELECT (psql_ of the caller).
+bench_items() {   # queue from to
+    psql_ -v queue="$1" -v from="$2" -v to="$3" <<'SQL'
+INSERT INTO annotation_queue.items (queue_id, payload)
+SELECT :'queue',
+       jsonb_build_object('prompt', 'Rate the answer to question #' || g,
+                          'answer', 'Benchmark answer ' || g || ': '
+                                    || md5(g::text),
+                          'model', 'bench-model')
+  FROM generate_series(:from, :to) AS g;
+SQL
+}
+
 # bench.dirty: items a state set up as claimed by other raters with an
 # expired lease (bench/flat.sh), by kind; a run that takes one makes its
 # attempts 2, not 1 (bench_check_db).  Empty in bench/run.sh and rss.sh.

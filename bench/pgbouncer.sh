@@ -190,15 +190,7 @@ WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
 SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
 SQL
 )
-psql_ -v queue="$queue" -v items="$ITEMS" <<'SQL'
-INSERT INTO annotation_queue.items (queue_id, payload)
-SELECT :'queue',
-       jsonb_build_object('prompt', 'Rate the answer to question #' || g,
-                          'answer', 'Benchmark answer ' || g || ': '
-                                    || md5(g::text),
-                          'model', 'bench-model')
-  FROM generate_series(1, :items) AS g;
-SQL
+bench_items "$queue" 1 "$ITEMS"
 bench_keys "$org" "$KEYS"
 psql_ <<'SQL'
 VACUUM (FREEZE, ANALYZE) annotation_queue.items;

@@ -68,15 +68,7 @@ SQL
 )
 
 add_items() {   # n
-    psql_ -v queue="$queue" -v n="$1" <<'SQL'
-INSERT INTO annotation_queue.items (queue_id, payload)
-SELECT :'queue',
-       jsonb_build_object('prompt', 'Rate the answer to question #' || g,
-                          'answer', 'Benchmark answer ' || g || ': '
-                                    || md5(g::text),
-                          'model', 'bench-model')
-  FROM generate_series(1, :n) AS g;
-SQL
+    bench_items "$queue" 1 "$1"
 }
 keyfile() {   # file first last
     psql_ -c "\\copy (SELECT key FROM bench.keys WHERE i BETWEEN $2 AND $3 ORDER BY i) TO '$1'"
