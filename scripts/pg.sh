@@ -2,7 +2,8 @@
 # A throwaway PostgreSQL cluster for development, tests and benchmarks.
 #
 #   scripts/pg.sh start DIR [PORT]   initdb (once), start, create database
-#                                    "annotation_queue" with sql/ applied;
+#                                    "annotation_queue" with sql/ applied
+#                                    (again when sql/ changed since);
 #                                    prints the conninfo on stdout
 #   scripts/pg.sh stop DIR           stop it (immediate)
 #   scripts/pg.sh apply CONNINFO     apply sql/ in order to a database
@@ -66,9 +67,21 @@ start)
             start >/dev/null
     fi
     dsn="host=127.0.0.1 port=$port user=postgres"
+    # a database kept from an older sql/ (a cluster kept between runs, as
+    # make run's) is made again: it is throwaway, and half-migrated it
+    # would fail at the first statement that needs what is new
+    sum=$(cat "$top"/sql/[0-9]*.sql | sha256sum | cut -d' ' -f1)
+    if psql -X -qtA -d "$dsn dbname=annotation_queue" -c 'SELECT 1' >/dev/null 2>&1 \
+        && [ "$(cat "$dir/sql.sum" 2>/dev/null)" != "$sum" ]
+    then
+        echo "pg.sh: sql/ changed since $dir was made: database annotation_queue made again" >&2
+        psql -X -q -d "$dsn dbname=postgres" \
+             -c 'DROP DATABASE annotation_queue WITH (FORCE)' >/dev/null
+    fi
     if ! psql -X -qtA -d "$dsn dbname=annotation_queue" -c 'SELECT 1' >/dev/null 2>&1; then
         psql -X -q -d "$dsn dbname=postgres" -c 'CREATE DATABASE annotation_queue' >/dev/null
         apply "$dsn dbname=annotation_queue"
+        echo "$sum" | as_pg tee "$dir/sql.sum" >/dev/null
     fi
     echo "$dsn dbname=annotation_queue"
     ;;

@@ -119,6 +119,7 @@ http {
             allow 127.0.0.1;
             deny all;
             annotation_queue_status;
+            annotation_queue_status_queues $queue;
         }
     }
 }
@@ -211,7 +212,16 @@ curl -s -w '\n' -X POST $api/skip \\
      -H 'Content-Type: application/json' \\
      -d '{"item_id": "$bob_item", "version": $bob_version}'
 
-5. the status page (Prometheus' text format):
+5. a claim that waits up to 10 seconds for an item when none is left
+   (Prefer: wait; answered as soon as one is enqueued or released):
+
+curl -s -w '\n' -X POST $api/queue \\
+     -H 'Authorization: Bearer $bob' \\
+     -H 'Content-Type: application/json' \\
+     -H 'Prefer: wait=10' \\
+     -d '{"queue_id": "$queue"}'
+
+6. the status page (Prometheus' text format; the demo queue's depth too):
 
 curl -s $base$metrics
 
