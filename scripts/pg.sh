@@ -3,8 +3,9 @@
 #
 #   scripts/pg.sh start DIR [PORT]   initdb (once), start, create database
 #                                    "annotation_queue" with sql/ applied
-#                                    (again when sql/ changed since);
-#                                    prints the conninfo on stdout
+#                                    (with PG_REMAKE=1: made again when
+#                                    sql/ changed since); prints the
+#                                    conninfo on stdout
 #   scripts/pg.sh stop DIR           stop it (immediate)
 #   scripts/pg.sh apply CONNINFO     apply sql/ in order to a database
 #
@@ -67,11 +68,15 @@ start)
             start >/dev/null
     fi
     dsn="host=127.0.0.1 port=$port user=postgres"
-    # a database kept from an older sql/ (a cluster kept between runs, as
-    # make run's) is made again: it is throwaway, and half-migrated it
-    # would fail at the first statement that needs what is new
+    # PG_REMAKE=1 (make run's cluster, kept between runs): a database made
+    # from an older sql/ is made again: it is throwaway, and half-migrated
+    # it would fail at the first statement that needs what is new.  Never
+    # on a standby (read-only; its primary's database is the one that
+    # counts)
     sum=$(cat "$top"/sql/[0-9]*.sql | sha256sum | cut -d' ' -f1)
-    if psql -X -qtA -d "$dsn dbname=annotation_queue" -c 'SELECT 1' >/dev/null 2>&1 \
+    if [ "${PG_REMAKE:-0}" = 1 ] \
+        && [ "$(psql -X -qtA -d "$dsn dbname=annotation_queue" \
+                     -c 'SELECT NOT pg_is_in_recovery()' 2>/dev/null)" = t ] \
         && [ "$(cat "$dir/sql.sum" 2>/dev/null)" != "$sum" ]
     then
         echo "pg.sh: sql/ changed since $dir was made: database annotation_queue made again" >&2

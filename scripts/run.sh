@@ -40,7 +40,8 @@ if [ -n "${DATABASE_URL:-}" ]; then
         "$top/scripts/pg.sh" apply "$dsn"
     fi
 else
-    dsn=$("$top/scripts/pg.sh" start "$state/pg")
+    # a demo database made from an older sql/ is made again
+    dsn=$(PG_REMAKE=1 "$top/scripts/pg.sh" start "$state/pg")
     started_pg=1
 fi
 
