@@ -56,3 +56,11 @@ bench-citus: deps $(MODULE)
 
 bench-longpoll: deps $(MODULE)
 	@MODULE=$(MODULE) bench/longpoll.sh
+
+# make bench-pair: the claim statement of BENCH_PAIR_BEFORE (a commit, HEAD
+# by default) against the tree's, interleaved in one pgbench run on a queue
+# of several priorities and live claims (bench/pair.sh; about a minute).
+.PHONY: bench-pair
+
+bench-pair: deps $(MODULE)
+	@MODULE=$(MODULE) bench/pair.sh

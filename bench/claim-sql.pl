@@ -47,9 +47,10 @@ sub arg_text {
 sub expand {
     my ($name, $depth, $args) = @_;
     die "claim-sql: macros nested too deep at $name\n" if $depth > 8;
-    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?![A-Za-z0-9_])(?:\(([a-z_, ]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
+    $text =~ /^[ \t]*#[ \t]*define[ \t]+\Q$name\E(?![A-Za-z0-9_])(?:\(([a-z_,\s\\]+)\))?((?:[^\n]*\\\n)*[^\n]*)/m
         or die "claim-sql: no #define $name in $header\n";
-    my @params = defined $1 ? split(/\s*,\s*/, $1) : ();
+    # a parameter list may go on over lines (backslash, newline)
+    my @params = defined $1 ? grep { length } split(/[\s\\,]+/, $1) : ();
     (my $body = $2) =~ s/\\\n/\n/g;
     die "claim-sql: $name takes " . scalar(@params) . " arguments\n"
         if @params != @{ $args // [] };
