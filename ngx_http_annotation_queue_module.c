@@ -86,6 +86,13 @@ static ngx_command_t  ngx_http_annotation_queue_commands[] = {
       offsetof(ngx_http_annotation_queue_loc_conf_t, max_wait),
       NULL },
 
+    { ngx_string("annotation_queue_claim_wide"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_annotation_queue_loc_conf_t, claim_wide),
+      NULL },
+
     { ngx_string("annotation_queue_claim"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_http_annotation_queue_action,
@@ -512,6 +519,7 @@ ngx_http_annotation_queue_create_loc_conf(ngx_conf_t *cf)
     conf->max_body_size = NGX_CONF_UNSET_SIZE;
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->max_wait = NGX_CONF_UNSET_MSEC;
+    conf->claim_wide = NGX_CONF_UNSET;
     conf->limit_zone = NGX_CONF_UNSET_PTR;
     conf->status_interval = NGX_CONF_UNSET_MSEC;
 
@@ -559,6 +567,7 @@ ngx_http_annotation_queue_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_conf_merge_msec_value(conf->status_interval, prev->status_interval,
                               5000);
     ngx_conf_merge_msec_value(conf->max_wait, prev->max_wait, 20000);
+    ngx_conf_merge_value(conf->claim_wide, prev->claim_wide, 0);
 
     if (conf->limit_zone == NGX_CONF_UNSET_PTR) {
         conf->limit_zone = (prev->limit_zone == NGX_CONF_UNSET_PTR)

@@ -61,8 +61,12 @@ typedef enum {
     NGX_AQ_STMT_COMPLETE_QUEUE,
     NGX_AQ_STMT_SKIP_QUEUE,
 
-    /* the claim when the lean one will not do (ngx_aq_sql.h) */
+    /*
+     * the claim when the lean one will not do, and the lean one of a claim
+     * that may wait (ngx_aq_sql.h)
+     */
     NGX_AQ_STMT_CLAIM_WIDE,
+    NGX_AQ_STMT_CLAIM_WAIT,
     NGX_AQ_NPREPARED
 } ngx_aq_stmt_e;
 
@@ -368,6 +372,7 @@ typedef struct {
     size_t                    max_body_size;
     ngx_msec_t                lease;
     ngx_msec_t                max_wait;
+    ngx_flag_t                claim_wide; /* every claim the wide one */
     ngx_str_t                 listen_database;
     ngx_array_t              *listen_hosts;
     ngx_msec_t                listen_host_timeout;

@@ -33,6 +33,10 @@ static ngx_uint_t ngx_aq_claim_again(ngx_aq_query_t *q, PGresult *res);
 #define NGX_AQ_CLAIM_WIDE         12
 #define NGX_AQ_CLAIM_COLUMNS      13
 
+/* the lean claim's statements: a claim that may wait has its own */
+#define ngx_aq_claim_lean(stmt)                                              \
+    ((stmt) == NGX_AQ_STMT_CLAIM || (stmt) == NGX_AQ_STMT_CLAIM_WAIT)
+
 
 static const ngx_aq_rules_t  ngx_aq_claim_rules = {
     NGX_AQ_STMT_CLAIM_BATCH,
@@ -73,8 +77,21 @@ ngx_aq_claim_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
     ctx->query.values[1] = (const char *) ctx->id;
     ctx->query.values[2] = (const char *) ctx->lease;
 
-    /* Prefer: wait=N (ngx_aq_wait.c) */
+    /*
+     * Prefer: wait=N (ngx_aq_wait.c): a claim that may wait wants to know,
+     * should it take nothing, when the queue's next lease ends
+     */
+
     ngx_aq_wait_prefer(r, ctx);
+
+    if (alcf->claim_wide) {
+        /* where every key has exclusions (Citus): the lean would say so */
+        ctx->query.stmt = NGX_AQ_STMT_CLAIM_WIDE;
+        ctx->query.single = 1;
+
+    } else if (ctx->waiter.applied) {
+        ctx->query.stmt = NGX_AQ_STMT_CLAIM_WAIT;
+    }
 
     return NULL;
 }
@@ -208,10 +225,14 @@ ngx_aq_claim_respond(ngx_http_request_t *r, ngx_aq_ctx_t *ctx,
 static ngx_uint_t
 ngx_aq_claim_joins(ngx_aq_query_t *first, ngx_aq_query_t *q)
 {
-    /* a claim that needs the wide statement needs it in a batch too */
+    /*
+     * a claim that needs the wide statement needs it in a batch too; one
+     * that may wait joins one (the batch never answers 409: a claim that
+     * got nothing from it runs its own statement)
+     */
 
-    return first->stmt == NGX_AQ_STMT_CLAIM
-           && q->stmt == NGX_AQ_STMT_CLAIM
+    return ngx_aq_claim_lean(first->stmt)
+           && ngx_aq_claim_lean(q->stmt)
            && ngx_strcmp(q->values[1], first->values[1]) == 0
            && ngx_strcmp(q->values[2], first->values[2]) == 0;
 }
@@ -307,9 +328,9 @@ ngx_aq_claim_retryable(PGresult *res)
 /*
  * The claim runs again when its answer says:
  *
- *   wide   the lean claim met a queue of overlap > 1 or a key with
- *          exclusions in the queue: the wide claim answers (it never says
- *          wide itself), alone;
+ *   wide   the lean claim met a queue of overlap > 1 or with a retry
+ *          limit, or a key with exclusions: the wide claim answers (it
+ *          never says wide itself), alone;
  *   again  it met a slot whose lease expired for the last time its queue
  *          allows, marked it failed and took nothing: that is committed,
  *          and it runs again for the next candidate (each run fails a slot
@@ -328,7 +349,7 @@ ngx_aq_claim_again(ngx_aq_query_t *q, PGresult *res)
     }
 
     if (PQgetvalue(res, 0, NGX_AQ_CLAIM_WIDE)[0] == 't'
-        && q->stmt == NGX_AQ_STMT_CLAIM)
+        && ngx_aq_claim_lean(q->stmt))
     {
         q->stmt = NGX_AQ_STMT_CLAIM_WIDE;
         q->single = 1;

@@ -48,6 +48,17 @@
 
 
 /*
+ * The slot of a candidate: the wide claim and the batch carry it (a queue of
+ * overlap > 1 has several rows of one id); the lean claim, run for queues of
+ * overlap 1 only, takes slot 1 (sql/008: an overlap is fixed), and carries
+ * nothing.
+ */
+
+#define NGX_AQ_SLOT_SQL       "i.slot, "
+#define NGX_AQ_CSLOT_SQL      "           coalesce(a.slot, e.slot) AS slot, "
+
+
+/*
  * The candidate both claims share, after the walk: for each row of the
  * walk, the first available item of priorities (lo, hi], then the expired
  * item of priority lo with the earliest lease; the first "limit" found,
@@ -55,15 +66,15 @@
  * the number of keys still to serve for the batch.
  */
 
-#define NGX_AQ_NEXT_SQL(limit, exclude)                                       \
+#define NGX_AQ_NEXT_SQL(limit, exclude, slot, cslot)                          \
     "), next AS MATERIALIZED ( "                                              \
     "    SELECT coalesce(a.id, e.id) AS id, "                                 \
-    "           coalesce(a.slot, e.slot) AS slot, "                           \
+    cslot                                                                     \
     "           coalesce(a.version, e.version) AS version "                   \
     "      FROM walk w "                                                      \
     "     CROSS JOIN LATERAL (VALUES (1, w.lo), (2, w.lo)) AS s (kind, lo) "  \
     "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.slot, i.version "                                 \
+    "        SELECT i.id, " slot "i.version "                                 \
     "          FROM annotation_queue.items i "                                \
     "         WHERE s.kind = 1 "                                              \
     "           AND i.queue_id = $2 AND i.status = 'available' "              \
@@ -74,7 +85,7 @@
     "           FOR UPDATE SKIP LOCKED "                                      \
     "      ) a ON true "                                                      \
     "      LEFT JOIN LATERAL ( "                                              \
-    "        SELECT i.id, i.slot, i.version "                                 \
+    "        SELECT i.id, " slot "i.version "                                 \
     "          FROM annotation_queue.items i "                                \
     "         WHERE s.kind = 2 AND w.since <= now() "                         \
     "           AND i.queue_id = $2 AND i.status = 'claimed' "                \
@@ -239,9 +250,10 @@
  * (-2147483649 and 2147483647) lie beyond every priority.
  */
 
-#define NGX_AQ_CLAIM_OF_SQL(wide, walk, exclude, note, overlap, again)       \
+#define NGX_AQ_CLAIM_OF_SQL(wide, gate, slot, cslot, exclude, set, match,    \
+                            r, answer)                                        \
     "WITH RECURSIVE k AS ( "                                                  \
-    "    SELECT id, org_id "                                                  \
+    "    SELECT id, org_id, has_exclusions "                                  \
     "      FROM annotation_queue.api_keys "                                   \
     "     WHERE key_hash = $1 "                                               \
     "       AND revoked_at IS NULL "                                          \
@@ -270,7 +282,7 @@
     "       AND coalesce(i.lease_expires_at, '-infinity') > now() "           \
     "       FOR SHARE SKIP LOCKED "                                           \
     "), mine_expired AS MATERIALIZED ( "                                      \
-    "    SELECT i.id, i.slot, i.version "                                     \
+    "    SELECT i.id, " slot "i.version "                                     \
     "      FROM annotation_queue.items i "                                    \
     "     WHERE i.id = (SELECT id FROM mine "                                 \
     "                    WHERE lease_expires_at <= now()) "                   \
@@ -278,12 +290,13 @@
     "       AND i.status = 'claimed' "                                        \
     "       AND coalesce(i.lease_expires_at, 'infinity') <= now() "           \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
+    "       AND " gate                                                        \
     "       FOR UPDATE SKIP LOCKED "                                          \
     NGX_AQ_WALK_HEAD_SQL                                                      \
-    walk                                                                      \
+    "     WHERE " gate                                                        \
     "       AND NOT EXISTS (SELECT 1 FROM held) "                             \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    NGX_AQ_NEXT_SQL("1", exclude)                                             \
+    NGX_AQ_NEXT_SQL("1", exclude, slot, cslot)                                \
     "), cand AS ( "                                                           \
     "    SELECT * FROM mine_expired "                                         \
     "    UNION ALL "                                                          \
@@ -291,18 +304,11 @@
     "    LIMIT 1 "                                                            \
     "), claimed AS ( "                                                        \
     "    UPDATE annotation_queue.items i "                                    \
-    NGX_AQ_CLAIM_SET_SQL("k.id")                                              \
-    note                                                                      \
+    set                                                                       \
     "      FROM cand, k, q "                                                  \
-    "     WHERE i.id = cand.id AND i.slot = cand.slot "                       \
+    "     WHERE i.id = cand.id AND " match                                    \
     "       AND i.version = cand.version AND i.queue_id = $2 "                \
-    "    RETURNING i.id, i.slot, i.queue_id, i.payload, i.version, "          \
-    "              i.claimed_at, i.lease_expires_at, i.status "               \
-    "), r AS ( "                                                              \
-    "    SELECT id, queue_id, payload, version, claimed_at, "                 \
-    "           lease_expires_at "                                            \
-    "      FROM claimed "                                                     \
-    "     WHERE status = 'claimed' "                                          \
+    r                                                                         \
     "    UNION ALL "                                                          \
     "    SELECT * FROM held "                                                 \
     ") "                                                                      \
@@ -313,61 +319,121 @@
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
     "       to_char(r.lease_expires_at AT TIME ZONE 'UTC', "                  \
     "               'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "                   \
-    overlap                                                                   \
-    "       r.id IS NULL "                                                    \
-    "       AND EXISTS (SELECT 1 FROM claimed WHERE status = 'failed'), "     \
-    "       CASE WHEN r.id IS NULL THEN "                                     \
-    "           (SELECT ceil(extract(epoch FROM min(w.since) - now()) "       \
-    "                        * 1000)::int8 "                                  \
-    "              FROM walk w WHERE w.since > now()) END, "                  \
-    again                                                                     \
+    answer                                                                    \
     "  FROM (SELECT 1) AS one "                                               \
     "  LEFT JOIN r ON true "
 
 /*
- * The single claim, lean: what a queue of overlap 1 needs when the key has
- * no exclusions there (the one-rater claim, no probe of exclusions per
- * candidate, no count of an item's ratings).  Anything else (a queue of
- * overlap > 1, a key that skipped an item of the queue) it only finds out,
- * by one probe of exclusions_key_idx, and says so in its last column
- * (wide): it hands out nothing new (the walk does not run) and the module
- * runs the wide claim instead, which answers.  Whatever it did meanwhile
- * (a resume, the key's own expired slot) is what the wide claim does too.
+ * The earliest lease end the walk saw, in milliseconds from now, when the
+ * claim took nothing: when a long-polling claim (ngx_aq_wait.c) that waits
+ * on should try again.  Computed only then, but its subplan costs every
+ * claim about 10 microseconds to set up (bench/README.md, "Two statements
+ * side by side"): the lean claim of a request that does not wait answers
+ * NULL instead.
+ */
+
+#define NGX_AQ_NEXT_LEASE_SQL                                                 \
+    "       CASE WHEN r.id IS NULL THEN "                                     \
+    "           (SELECT ceil(extract(epoch FROM min(w.since) - now()) "       \
+    "                        * 1000)::int8 "                                  \
+    "              FROM walk w WHERE w.since > now()) END, "
+
+
+/*
+ * The single claim, lean: the one-rater claim, the statement of before the
+ * workflows (sql/006) but for the slot's expirations counted and the
+ * answer's columns.  It runs for a queue of overlap 1 without max_attempts
+ * and a key without exclusions (api_keys.has_exclusions, sql/008): it
+ * reads no exclusions, counts no ratings, fails no slot, and takes slot 1.
+ * Anything else it finds out from the rows it reads anyway and says so in
+ * its last column (wide): it then takes nothing (neither the key's own
+ * expired slot nor the walk's: gate) and the module runs the wide claim
+ * instead, which answers.  A resume it may have found meanwhile (held, read
+ * only) the wide claim finds again.
+ *
+ * NGX_AQ_CLAIM_SQL is the claim of a request that does not wait;
+ * NGX_AQ_CLAIM_WAIT_SQL, a long-polling one's, answers the next lease end
+ * too.
  */
 
 #define NGX_AQ_CLAIM_LEAN_WIDE_SQL                                            \
-    "           (q.overlap > 1 OR EXISTS ( "                                  \
-    "               SELECT 1 FROM annotation_queue.exclusions x "             \
-    "                WHERE x.key_id = k.id AND x.queue_id = $2 "              \
-    "                  AND x.reason IS NOT NULL)) AS wide "
+    "           (q.overlap > 1 OR q.max_attempts IS NOT NULL "                \
+    "            OR k.has_exclusions) AS wide "
 
-#define NGX_AQ_CLAIM_LEAN_WALK_SQL                                            \
-    "     WHERE EXISTS (SELECT 1 FROM q WHERE NOT q.wide) "
+#define NGX_AQ_CLAIM_LEAN_GATE_SQL                                            \
+    "EXISTS (SELECT 1 FROM q WHERE NOT q.wide) "
 
-#define NGX_AQ_CLAIM_LEAN_OVERLAP_SQL                                         \
-    "       1, 0, "
+#define NGX_AQ_CLAIM_LEAN_SET_SQL                                             \
+    "       SET status = 'claimed', claimed_by = k.id, claimed_at = q.at, "   \
+    "           lease_expires_at = q.lease_end, "                             \
+    "           version = i.version + 1, attempts = i.attempts + 1, "         \
+    "           expirations = i.expirations "                                 \
+    "                         + (i.status = 'claimed')::int "
 
-#define NGX_AQ_CLAIM_LEAN_AGAIN_SQL                                           \
+#define NGX_AQ_CLAIM_LEAN_R_SQL                                               \
+    "    RETURNING i.id, i.queue_id, i.payload, i.version, i.claimed_at, "    \
+    "              i.lease_expires_at "                                       \
+    "), r AS ( "                                                              \
+    "    SELECT * FROM claimed "
+
+#define NGX_AQ_CLAIM_LEAN_ANSWER_SQL                                          \
+    "       1, 0, false, NULL::int8, "                                        \
+    "       EXISTS (SELECT 1 FROM q WHERE q.wide) "
+
+#define NGX_AQ_CLAIM_WAIT_ANSWER_SQL                                          \
+    "       1, 0, false, "                                                    \
+    NGX_AQ_NEXT_LEASE_SQL                                                     \
     "       EXISTS (SELECT 1 FROM q WHERE q.wide) "
 
 #define NGX_AQ_CLAIM_SQL                                                      \
     NGX_AQ_CLAIM_OF_SQL(NGX_AQ_CLAIM_LEAN_WIDE_SQL,                           \
-                        NGX_AQ_CLAIM_LEAN_WALK_SQL, "", "",                   \
-                        NGX_AQ_CLAIM_LEAN_OVERLAP_SQL,                        \
-                        NGX_AQ_CLAIM_LEAN_AGAIN_SQL)
+                        NGX_AQ_CLAIM_LEAN_GATE_SQL, "", "", "",               \
+                        NGX_AQ_CLAIM_LEAN_SET_SQL, "i.slot = 1 ",             \
+                        NGX_AQ_CLAIM_LEAN_R_SQL,                              \
+                        NGX_AQ_CLAIM_LEAN_ANSWER_SQL)
+
+#define NGX_AQ_CLAIM_WAIT_SQL                                                 \
+    NGX_AQ_CLAIM_OF_SQL(NGX_AQ_CLAIM_LEAN_WIDE_SQL,                           \
+                        NGX_AQ_CLAIM_LEAN_GATE_SQL, "", "", "",               \
+                        NGX_AQ_CLAIM_LEAN_SET_SQL, "i.slot = 1 ",             \
+                        NGX_AQ_CLAIM_LEAN_R_SQL,                              \
+                        NGX_AQ_CLAIM_WAIT_ANSWER_SQL)
 
 
 /*
- * The single claim, wide: every candidate probed in exclusions, the
- * queue's overlap and the item's completed ratings answered.
+ * The single claim, wide: every candidate probed in exclusions, the slot
+ * carried, the slot failed at its queue's max_attempts-th expiry (again),
+ * the queue's overlap and the item's completed ratings answered.
  */
+
+#define NGX_AQ_CLAIM_WIDE_SET_SQL                                             \
+    NGX_AQ_CLAIM_SET_SQL("k.id")                                              \
+    NGX_AQ_CLAIM_NOTE_SQL
+
+#define NGX_AQ_CLAIM_WIDE_R_SQL                                               \
+    "    RETURNING i.id, i.queue_id, i.payload, i.version, i.claimed_at, "    \
+    "              i.lease_expires_at, i.status "                             \
+    "), r AS ( "                                                              \
+    "    SELECT id, queue_id, payload, version, claimed_at, "                 \
+    "           lease_expires_at "                                            \
+    "      FROM claimed "                                                     \
+    "     WHERE status = 'claimed' "
+
+#define NGX_AQ_CLAIM_WIDE_ANSWER_SQL                                          \
+    NGX_AQ_OVERLAP_SQL_R                                                      \
+    "       r.id IS NULL "                                                    \
+    "       AND EXISTS (SELECT 1 FROM claimed WHERE status = 'failed'), "     \
+    NGX_AQ_NEXT_LEASE_SQL                                                     \
+    "       false "
 
 #define NGX_AQ_CLAIM_WIDE_SQL                                                 \
     NGX_AQ_CLAIM_OF_SQL("false AS wide ",                                     \
-                        "     WHERE EXISTS (SELECT 1 FROM q) ",               \
-                        NGX_AQ_EXCLUDE_SQL, NGX_AQ_CLAIM_NOTE_SQL,            \
-                        NGX_AQ_OVERLAP_SQL_R,                                 \
-                        "       false ")
+                        "EXISTS (SELECT 1 FROM q) ",                          \
+                        NGX_AQ_SLOT_SQL, NGX_AQ_CSLOT_SQL,                    \
+                        NGX_AQ_EXCLUDE_SQL,                                   \
+                        NGX_AQ_CLAIM_WIDE_SET_SQL, "i.slot = cand.slot ",     \
+                        NGX_AQ_CLAIM_WIDE_R_SQL,                              \
+                        NGX_AQ_CLAIM_WIDE_ANSWER_SQL)
 
 
 
@@ -396,7 +462,7 @@
     "    SELECT r.ord, decode(r.hex, 'hex') AS digest "                       \
     "      FROM unnest($1::text[]) WITH ORDINALITY AS r(hex, ord) "           \
     "), k AS ( "                                                              \
-    "    SELECT req.ord, a.id, a.org_id "                                     \
+    "    SELECT req.ord, a.id, a.org_id, a.has_exclusions "                   \
     "      FROM req "                                                         \
     "      JOIN annotation_queue.api_keys a ON a.key_hash = req.digest "      \
     "     WHERE a.revoked_at IS NULL "                                        \
@@ -410,7 +476,7 @@
     "      FROM annotation_queue.queues q "                                   \
     "     WHERE q.id = $2 "                                                   \
     "), kq AS ( "                                                             \
-    "    SELECT k.ord, k.id AS key_id "                                       \
+    "    SELECT k.ord, k.id AS key_id, k.has_exclusions "                     \
     "      FROM k, q "                                                        \
     "     WHERE q.org_id = k.org_id "                                         \
     "), mine AS MATERIALIZED ( "                                              \
@@ -434,15 +500,13 @@
     "      FROM kq "                                                          \
     "     WHERE kq.key_id NOT IN (SELECT key_id FROM mine) "                  \
     "       AND (SELECT overlap FROM q) = 1 "                                 \
-    "       AND NOT EXISTS ( "                                                \
-    "           SELECT 1 FROM annotation_queue.exclusions x "                 \
-    "            WHERE x.key_id = kq.key_id AND x.queue_id = $2 "             \
-    "              AND x.reason IS NOT NULL) "                                \
+    "       AND NOT kq.has_exclusions "                                       \
     "     GROUP BY kq.key_id "                                                \
     NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
     NGX_AQ_WALK_STEP_SQL                                                      \
-    NGX_AQ_NEXT_SQL("(SELECT count(*) FROM need)", "")                    \
+    NGX_AQ_NEXT_SQL("(SELECT count(*) FROM need)", "", NGX_AQ_SLOT_SQL,    \
+                    NGX_AQ_CSLOT_SQL)                                         \
     "), cand AS MATERIALIZED ( "                                              \
     "    SELECT id, slot, version, row_number() OVER () AS n "                \
     "      FROM next "                                                        \
@@ -722,6 +786,9 @@ static const ngx_aq_stmt_t  ngx_aq_stmts[NGX_AQ_NPREPARED] = {
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, NGX_AQ_INT8, NGX_AQ_UUID } },
 
     { "ngx_aq_claim_wide", NGX_AQ_CLAIM_WIDE_SQL, 3,
+      { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0, 0 } },
+
+    { "ngx_aq_claim_wait", NGX_AQ_CLAIM_WAIT_SQL, 3,
       { NGX_AQ_BYTEA, NGX_AQ_UUID, NGX_AQ_INT8, 0, 0 } }
 };
 

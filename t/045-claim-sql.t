@@ -226,14 +226,17 @@ $dbh->do('VACUUM ANALYZE annotation_queue.items');
 $dbh->do("PREPARE plan_single (bytea, uuid, int8) AS $single_sql");
 my $wide_sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_WIDE_SQL`;
 $dbh->do("PREPARE plan_wide (bytea, uuid, int8) AS $wide_sql");
+my $wait_sql = `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h NGX_AQ_CLAIM_WAIT_SQL`;
+$dbh->do("PREPARE plan_wait (bytea, uuid, int8) AS $wait_sql");
 $dbh->do("PREPARE plan_batch (text[], uuid, int8) AS $sql");
 my @plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'k3'],
                   ['wide', 'EXECUTE plan_wide (decode(?, \'hex\'), ?, 900000)', 'k3'],
+                  ['wait', 'EXECUTE plan_wait (decode(?, \'hex\'), ?, 900000)', 'k3'],
                   ['batch', 'EXECUTE plan_batch (?, ?, 900000)', 'k1', 'k2']);
 sub plan_arg {
     my ($stmt) = @_;
     my @names = @$stmt[2 .. $#$stmt];
-    return $stmt->[0] =~ /^(?:single|wide)/ ? digest($key{ $names[0] })
+    return $stmt->[0] =~ /^(?:single|wide|wait)/ ? digest($key{ $names[0] })
                                   : '{' . join(',', map { digest($key{$_}) } @names) . '}';
 }
 for my $mode (qw(force_generic_plan force_custom_plan)) {
@@ -317,7 +320,8 @@ for my $mode (qw(force_generic_plan force_custom_plan)) {
 # trigger's, sql/007), and every scan of exclusions states the queue too.
 {
     my %text = map { $_ => scalar `$^X $AQ::TOP/bench/claim-sql.pl $AQ::TOP/src/ngx_aq_sql.h $_` }
-               qw(NGX_AQ_CLAIM_SQL NGX_AQ_CLAIM_WIDE_SQL NGX_AQ_CLAIM_BATCH_SQL
+               qw(NGX_AQ_CLAIM_SQL NGX_AQ_CLAIM_WAIT_SQL NGX_AQ_CLAIM_WIDE_SQL
+                  NGX_AQ_CLAIM_BATCH_SQL
                   NGX_AQ_EXTEND_SQL
                   NGX_AQ_RELEASE_SQL NGX_AQ_COMPLETE_SQL NGX_AQ_SKIP_SQL
                   NGX_AQ_EXTEND_QUEUE_SQL NGX_AQ_RELEASE_QUEUE_SQL
@@ -381,6 +385,7 @@ $dbh->do('VACUUM ANALYZE annotation_queue.items');
 $key{$_} = AQ::key($org, rater => $_) for qw(dirty-1 dirty-2 dirty-3);
 @plan_stmts = (['single', 'EXECUTE plan_single (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
                ['wide single', 'EXECUTE plan_wide (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
+               ['wait single', 'EXECUTE plan_wait (decode(?, \'hex\'), ?, 900000)', 'dirty-1'],
                ['batch of one', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-1'],
                ['batch of two', 'EXECUTE plan_batch (?, ?, 900000)', 'dirty-2', 'dirty-3']);
 for my $mode (qw(force_generic_plan force_custom_plan)) {

@@ -67,6 +67,18 @@ sub slots {
 }
 
 my $q = AQ::queue($org, 'three', overlap => 3);
+
+# a queue's overlap is fixed (sql/008): its items' slots were made from it,
+# and the lean claim takes only slot 1 of the items of a queue of overlap 1
+for my $to (1, 4) {
+    my $ok = eval {
+        $dbh->do(q{UPDATE annotation_queue.queues SET overlap = ? WHERE id = ?},
+                 undef, $to, $q);
+        1;
+    };
+    is($ok ? 'changed' : $dbh->state, '23514',
+       "the overlap of a queue cannot change (3 to $to): check_violation");
+}
 my $A = AQ::enqueue($q, 'A', { item => 'A' });
 my $B = AQ::enqueue($q, 'B', { item => 'B' });
 

@@ -67,6 +67,12 @@ is($dbh->selectrow_array(
        q{SELECT reason FROM annotation_queue.exclusions
           WHERE item_id = ? AND key_id = ?}, undef, $A, AQ::key_id($k{alice})),
    'skipped', 'annotation_queue.exclusions notes that alice skipped A');
+is_deeply($dbh->selectcol_arrayref(
+              q{SELECT has_exclusions FROM annotation_queue.api_keys
+                 WHERE id = ANY (?) ORDER BY rater},
+              undef, [map { AQ::key_id($k{$_}) } qw(alice bob)]),
+          [1, 0], 'api_keys.has_exclusions: set for alice (her claims are '
+                  . 'the wide claim from now on), not for bob');
 
 ($o, my $next) = claim('alice', $q);
 is("$o " . ($next->{id} // 'none'), "200 claimed v1 $B",
@@ -175,5 +181,33 @@ is("$o $cc->{id}", "200 claimed v3 $C", 'overlap 2: carol gets the slot alice sk
 $ngx->stop;
 is_deeply([grep { /\[(?:error|alert|crit|emerg)\]/ } split /\n/, $ngx->error_log],
           [], 'no [error], [alert], [crit] or [emerg] in the error log');
+
+# annotation_queue_claim_wide on: every claim runs the wide statement at
+# once (as on Citus, where every key is flagged); skips hold the same
+{
+    my $what = 'annotation_queue_claim_wide on';
+    my ($wngx, $wport) = AQ::Workflow::start_nginx(workers => 1,
+        http => "annotation_queue_pool_size 2;\nannotation_queue_claim_wide on;");
+    $c = AQ::Client->new(port => $wport);
+    my %w = map { $_ => AQ::Workflow::key($org, "wide-$_") } qw(a b);
+    @k{keys %w} = values %w;
+    my $wq = AQ::queue($org, 'wide');
+    my $X = AQ::enqueue($wq, 'X', { item => 'X' }, 1);
+    my $Y = AQ::enqueue($wq, 'Y', { item => 'Y' });
+    my ($wo, $x) = claim('a', $wq);
+    is("$wo $x->{id}", "200 claimed v1 $X", "$what: a claims X");
+    ($wo) = skip_item('a', $x);
+    is($wo, '200 available v2', "$what: a skips X");
+    ($wo, $x) = claim('a', $wq);
+    is("$wo $x->{id}", "200 claimed v1 $Y", "$what: a gets Y, never X again");
+    ($wo, $x) = claim('b', $wq);
+    is("$wo $x->{id}", "200 claimed v3 $X", "$what: b gets X");
+    ($wo) = claim('b', $wq);
+    is($wo, '200 claimed v3', "$what: b claiming again resumes X");
+    $wngx->stop;
+    is_deeply([grep { /\[(?:error|alert|crit|emerg)\]/ } split /\n/,
+               $wngx->error_log],
+              [], "$what: no [error], [alert], [crit] or [emerg] in the error log");
+}
 
 done_testing();

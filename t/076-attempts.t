@@ -122,6 +122,23 @@ is("$o $it->{id}", "200 claimed v5 $A",
        5, "$what: the 5 are failed in the database");
 }
 
+# the key's own slot at its last expiry: its holder, claiming again, does
+# not get it back (the claim that resumes an expired lease of the key's own
+# fails it too) but the next item
+{
+    my $what = "the key's own slot at its last expiry";
+    my $oq = AQ::queue($org, 'own', max_attempts => 1);
+    my $O = AQ::enqueue($oq, 'O', { item => 'O' }, 1);
+    my $P = AQ::enqueue($oq, 'P', { item => 'P' });
+    my ($oo, $x) = claim('carol', $oq);
+    is("$oo $x->{id}", "200 claimed v1 $O", "$what: carol claims O");
+    expire($O);
+    ($oo, $x) = claim('carol', $oq);
+    is("$oo $x->{id}", "200 claimed v1 $P",
+       "$what: carol, claiming again, gets P, not O back");
+    is(state_of($O), 'failed, 1 expired, 1 claims', "$what: O is failed");
+}
+
 # no max_attempts: a lease may expire any number of times
 {
     my $nq = AQ::queue($org, 'unlimited');

@@ -19,6 +19,8 @@
 --     ids are random UUIDs: in practice everywhere);
 --   * items.seq takes its values from a sequence instead of being an
 --     identity column, which Citus refuses;
+--   * every claim is the wide one (api_keys.has_exclusions of 008 is
+--     true for every key, below);
 --   * the NOTIFY trigger of 006 is gone: on a distributed table it would
 --     fire on the workers, whose notifications nobody hears (the module
 --     LISTENs on the coordinator), and Citus refuses it unless
@@ -55,6 +57,18 @@ ALTER TABLE annotation_queue.exclusions
     ADD CONSTRAINT exclusions_pkey PRIMARY KEY (queue_id, item_id, key_id);
 
 -- exclusions_key_idx (key_id, queue_id) stays: the batch's probe
+
+-- api_keys.has_exclusions (sql/008) is true for every key: its trigger
+-- would run on a worker, where it cannot write to api_keys (a reference
+-- table, a copy on every node: remote writes), so no key's flag would be
+-- set; every claim is the wide one (it probes exclusions itself).  And
+-- the trigger that keeps a queue's overlap fixed is gone (a trigger on a
+-- reference table): do not change a queue's overlap here.
+ALTER TABLE annotation_queue.api_keys
+    ALTER COLUMN has_exclusions SET DEFAULT true;
+UPDATE annotation_queue.api_keys SET has_exclusions = true;
+DROP TRIGGER exclusions_flag_key ON annotation_queue.exclusions;
+DROP TRIGGER queues_overlap_fixed ON annotation_queue.queues;
 
 -- items_note_exclusion (sql/007) runs on the shards: it writes to the
 -- co-located shard of exclusions on the same worker, which Citus allows

@@ -33,6 +33,7 @@ for my $node (qw(worker1 worker2)) {
     my %stmts = (
         NGX_AQ_CLAIM_SQL => [@key, ['uuid', $queue], ['int8', 900000]],
         NGX_AQ_CLAIM_WIDE_SQL => [@key, ['uuid', $queue], ['int8', 900000]],
+        NGX_AQ_CLAIM_WAIT_SQL => [@key, ['uuid', $queue], ['int8', 900000]],
         NGX_AQ_CLAIM_BATCH_SQL => [['text[]', "{$hex}"], ['uuid', $queue],
                                    ['int8', 900000]],
         NGX_AQ_EXTEND_QUEUE_SQL => [@key, ['uuid', $item], ['int8', 1],

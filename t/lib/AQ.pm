@@ -709,6 +709,10 @@ sub free_port {
 # the listen directive: "reuseport" gives each worker a socket of its own,
 # so that the kernel spreads new connections over the workers whatever
 # their load).
+# Directives every nginx of a suite gets in its http block (t/lib/AQ/Citus.pm
+# sets annotation_queue_claim_wide there).
+our $HTTP = '';
+
 sub nginx_conf {
     my (%o) = @_;
     my $prefix  = $o{prefix} or die 'nginx_conf: prefix';
@@ -744,7 +748,7 @@ http {
     keepalive_requests 100000;
 
     annotation_queue_database "$dsn";
-$http
+$HTTP$http
     server {
         listen 127.0.0.1:$port$listen;
 

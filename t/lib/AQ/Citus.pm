@@ -42,6 +42,10 @@ $ENV{AQ_TEST_DB_DSN} = $DSN;
 
 require AQ;
 
+# every key is flagged there (sql/citus/001_distribute.sql): the lean claim
+# would only send each claim on to the wide one
+$AQ::HTTP = "    annotation_queue_claim_wide on;\n";
+
 END {
     if ($$ == $OWNER && $DIR) {
         local $?;
