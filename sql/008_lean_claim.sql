@@ -31,10 +31,13 @@ UPDATE annotation_queue.api_keys a
 -- Set by a trigger on exclusions itself, so that every exclusion, the
 -- claim's and the skip's notes (sql/007) as much as an operator's own
 -- INSERT, sets it; the UPDATE touches the key's row once in its life
--- (afterwards its WHERE is false).
+-- (afterwards its WHERE is false).  SECURITY DEFINER: the module's role
+-- reads api_keys and never needs to write it.
 CREATE FUNCTION annotation_queue.flag_key_exclusions()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE annotation_queue.api_keys
