@@ -190,7 +190,9 @@ for target in plain citus; do
     psql_ -c "\\copy (SELECT key FROM bench.keys WHERE i <= $half_keys ORDER BY i) TO '$work/keys1.txt'"
     psql_ -c "\\copy (SELECT key FROM bench.keys WHERE i > $half_keys ORDER BY i) TO '$work/keys2.txt'"
     log "$target: loaded 2 x $ITEMS items and $KEYS keys in $(( $(date +%s) - t0 )) s"
-    bench_start_nginx "$dsn" "$WORKERS" "$POOL"
+    # on Citus every key is flagged: the wide claim at once (README)
+    bench_start_nginx "$dsn" "$WORKERS" "$POOL" \
+        "$([ "$target" = citus ] && echo 'annotation_queue_claim_wide on;')"
     for c in $LEVELS; do
         run "$c" >/dev/null      # warm-up (checked too)
         lines=()

@@ -12,8 +12,9 @@
 #                                 module's statement, from $BENCH_SQL_HEADER
 #                                 or src/ngx_aq_sql.h) and
 #                                 $work/minimal.pgbench (bench/minimal.sql)
-#   bench_start_nginx DSN WORKERS POOL
-#                                 $nginx_pid, $url, $status_url, $errlog
+#   bench_start_nginx DSN WORKERS POOL [DIRECTIVES]
+#                                 $nginx_pid, $url, $status_url, $errlog;
+#                                 DIRECTIVES go into the http block
 #   bench_quiesce                 wait until nginx has no claim in flight
 #   bench_check_module LABEL QUEUE CONNS WRK_OUTPUT IDS ERRLOG_LINE
 #   bench_check_pgbench LABEL QUEUE TX RC FAILED ABORTED
@@ -173,6 +174,7 @@ http {
 
     annotation_queue_database "$conf_dsn";
     annotation_queue_pool_size $3;
+    ${4:-}
 
     server {
         listen 127.0.0.1:$port backlog=4096;
