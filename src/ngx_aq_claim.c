@@ -37,6 +37,10 @@ static ngx_uint_t ngx_aq_claim_again(ngx_aq_query_t *q, PGresult *res);
 #define ngx_aq_claim_lean(stmt)                                              \
     ((stmt) == NGX_AQ_STMT_CLAIM || (stmt) == NGX_AQ_STMT_CLAIM_WAIT)
 
+/* what may join a batch (unless single: ngx_aq_claim_again) */
+#define ngx_aq_claim_batches(stmt)                                           \
+    (ngx_aq_claim_lean(stmt) || (stmt) == NGX_AQ_STMT_CLAIM_WIDE)
+
 
 static const ngx_aq_rules_t  ngx_aq_claim_rules = {
     NGX_AQ_STMT_CLAIM_BATCH,
@@ -85,9 +89,11 @@ ngx_aq_claim_parse(ngx_http_request_t *r, ngx_aq_ctx_t *ctx, u_char *body,
     ngx_aq_wait_prefer(r, ctx);
 
     if (alcf->claim_wide) {
-        /* where every key has exclusions (Citus): the lean would say so */
+        /*
+         * where every key is flagged (Citus): the lean claim would say so;
+         * a batch still serves the keys without exclusions in the queue
+         */
         ctx->query.stmt = NGX_AQ_STMT_CLAIM_WIDE;
-        ctx->query.single = 1;
 
     } else if (ctx->waiter.applied) {
         ctx->query.stmt = NGX_AQ_STMT_CLAIM_WAIT;
@@ -226,13 +232,14 @@ static ngx_uint_t
 ngx_aq_claim_joins(ngx_aq_query_t *first, ngx_aq_query_t *q)
 {
     /*
-     * a claim that needs the wide statement needs it in a batch too; one
-     * that may wait joins one (the batch never answers 409: a claim that
-     * got nothing from it runs its own statement)
+     * a claim the lean claim sent to the wide one runs alone (q->single);
+     * one that may wait joins (the batch never answers 409: a claim that
+     * got nothing from it runs its own statement), as does one that is
+     * wide from the start (annotation_queue_claim_wide)
      */
 
-    return ngx_aq_claim_lean(first->stmt)
-           && ngx_aq_claim_lean(q->stmt)
+    return ngx_aq_claim_batches(first->stmt)
+           && ngx_aq_claim_batches(q->stmt)
            && ngx_strcmp(q->values[1], first->values[1]) == 0
            && ngx_strcmp(q->values[2], first->values[2]) == 0;
 }

@@ -108,8 +108,9 @@
  * read all the key's exclusions at every claim (thousands for a busy rater
  * of an overlap queue).  OFFSET 0 keeps it a subplan run per candidate
  * whatever the statistics say (as a join it could read the queue's
- * exclusions at once).  The batch serves no key that has any (need,
- * through exclusions_key_idx).
+ * exclusions at once).  The batch serves no key that has any in the queue
+ * (need: a key flagged in api_keys.has_exclusions, sql/008, is looked up
+ * in exclusions_key_idx; on Citus every key is flagged).
  */
 
 #define NGX_AQ_EXCLUDE_SQL                                                    \
@@ -454,7 +455,9 @@
  * would hand out, and only those rows are locked.  A request it leaves
  * without an item (the queue ran dry here, the key's own lease expired, or
  * its held item was locked) runs the single claim, which knows all of
- * that, before it may answer 409.
+ * that, before it may answer 409.  It serves queues of overlap 1 only, and
+ * keys without exclusions in the queue; it fails slots at their queue's
+ * max_attempts-th expiry as the wide claim does.
  */
 
 #define NGX_AQ_CLAIM_BATCH_SQL                                                \
@@ -500,7 +503,10 @@
     "      FROM kq "                                                          \
     "     WHERE kq.key_id NOT IN (SELECT key_id FROM mine) "                  \
     "       AND (SELECT overlap FROM q) = 1 "                                 \
-    "       AND NOT kq.has_exclusions "                                       \
+    "       AND (NOT kq.has_exclusions OR NOT EXISTS ( "                      \
+    "           SELECT 1 FROM annotation_queue.exclusions x "                 \
+    "            WHERE x.key_id = kq.key_id AND x.queue_id = $2 "             \
+    "              AND x.reason IS NOT NULL)) "                               \
     "     GROUP BY kq.key_id "                                                \
     NGX_AQ_WALK_HEAD_SQL                                                      \
     "     WHERE EXISTS (SELECT 1 FROM need) "                                 \
