@@ -4,6 +4,8 @@
 #   bench_needs [perf]            install wrk, pgbench, curl (and perf)
 #   bench_workdir NAME            $work, and a cleanup on exit that stops
 #                                 nginx ($nginx_pid) and PostgreSQL
+#   bench_org_queue               "org queue": organisation and queue "bench"
+#   bench_items QUEUE FROM TO     the bench's items FROM..TO of QUEUE
 #   bench_keys ORG N [FIRST]      bench.keys: N keys of ORG, by index i from
 #                                 FIRST (1), the plaintext (for wrk), the
 #                                 digest (pgbench) and the api_keys id; and
@@ -81,6 +83,15 @@ bench_workdir() {
     nginx_pid=
     trap bench_cleanup EXIT
     trap 'exit 130' INT TERM
+}
+
+# An organisation "bench" and its queue "bench": prints "org queue" (psql_
+# of the caller).
+bench_org_queue() {
+    psql_ -F' ' <<'SQL'
+WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
+SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
+SQL
 }
 
 # The bench's items: {"prompt", "answer", "model"} number from to of a

@@ -101,11 +101,7 @@ dsn=$("$top/scripts/pg.sh" start "$work/pg")
 psql_() { psql -X -qtA -v ON_ERROR_STOP=1 -d "$dsn" "$@"; }
 log "PostgreSQL: $dsn; before $before_rev, after $AFTER${MORE:+, more $MORE}; load average $load_start"
 
-read -r org queue < <(psql_ -F' ' <<'SQL'
-WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
-SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
-SQL
-)
+read -r org queue < <(bench_org_queue)
 bench_items "$queue" 1 "$ITEMS"
 psql_ -v queue="$queue" -v p="$PRIORITIES" <<'SQL'
 UPDATE annotation_queue.items SET priority = seq % :p WHERE queue_id = :'queue';

@@ -185,11 +185,7 @@ INI
 # --- data: one organisation, one queue, ITEMS items, KEYS keys -------------
 
 t0=$(date +%s.%N)
-read -r org queue < <(psql_ -F' ' <<'SQL'
-WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
-SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
-SQL
-)
+read -r org queue < <(bench_org_queue)
 bench_items "$queue" 1 "$ITEMS"
 bench_keys "$org" "$KEYS"
 psql_ <<'SQL'

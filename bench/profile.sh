@@ -78,11 +78,7 @@ log "PostgreSQL: $dsn, pg_stat_statements; load average $load_start"
 
 # --- data ----------------------------------------------------------------------
 
-read -r org queue < <(psql_ -F' ' <<'SQL'
-WITH o AS (SELECT annotation_queue.create_org('bench') AS id)
-SELECT o.id, annotation_queue.create_queue(o.id, 'bench') FROM o;
-SQL
-)
+read -r org queue < <(bench_org_queue)
 bench_items "$queue" 1 "$ITEMS"
 
 # keys: each used once in the whole profile (runs take disjoint ranges of
