@@ -22,7 +22,10 @@
 #     the streams reset (the line nginx writes when it receives RST_STREAM
 #     with CANCEL), the other streams of the connection get their items,
 #     claims that only waited never run, the worker is the same process and
-#     the error log has nothing at [error] or above.
+#     the error log has nothing at [error] or above;
+#   - long-polling claims (Prefer: wait) as streams of one connection: one
+#     reset while it waits leaves its place, the others get the items
+#     enqueued, with Preference-Applied.
 #
 # One worker and a pool of one connection, so that "the claim at the gate"
 # and "the claims waiting" are known exactly.  Nothing sleeps for nginx or
@@ -576,9 +579,76 @@ sub drop_connection {
     is(outcome($r), '200 item', "$what: a new connection's claim answers 200");
 }
 
+# ---------------------------------------------------------------------------
+# Long-polling claims over HTTP/2: three streams of one connection wait
+# (Prefer: wait=10) on an empty queue, parked in nginx (not in PostgreSQL,
+# not in the pool's wait list); the middle one is reset (RST_STREAM) while
+# it waits and leaves its place; two items enqueued go to the other two,
+# one each, with Preference-Applied; then nobody waits.
+
+sub claim_waiters {
+    my $m = AQ::Faults::status($sport) or return -1;
+    my $n = 0;
+    while (my ($k, $v) = each %$m) {
+        $n += $v if $k =~ /^annotation_queue_claim_waiters\{.*worker="all"/;
+    }
+    return $n;
+}
+
+sub long_poll {
+    my ($t) = @_;
+    my $what = "$t: long-poll";
+    my $q = AQ::queue($org, "wait-$t");
+    my @keys = @{ AQ::keys_for($org, 3) };
+    my $since = log_len();
+    my $h2 = AQ::H2::Conn->new(port => $port{$t}, tls => $t eq 'tls');
+    my @sid = map { $h2->post(key => $_, body => qq({"queue_id":"$q"}),
+                              headers => [prefer => 'wait=10']) } @keys;
+    my $parked = AQ::Faults::wait_until(10, sub { $h2->pump(0); claim_waiters() == 3 });
+    ok($parked, "$what: 3 streams of one connection wait, parked in nginx")
+        or diag 'waiters: ' . claim_waiters();
+    is(scalar(grep { $h2->answered($_) } @sid), 0, "$what: none is answered yet");
+    is(AQ::Faults::pool_state($sport)->{waiting}, 0,
+       "$what: none waits for the pool's connection (the database is not asked)");
+
+    $h2->reset($sid[1]);
+    my $left = AQ::Faults::wait_until(10, sub {
+        $h2->pump(0); claim_waiters() == 2 && @{ canceled_streams($since) } == 1 });
+    ok($left, "$what: the stream reset while it waits leaves (2 wait)")
+        or diag 'waiters: ' . claim_waiters();
+    is_deeply(canceled_streams($since), [$sid[1]],
+              "$what: nginx received RST_STREAM (CANCEL) for that stream only");
+
+    my @ids = map { AQ::enqueue($q, undef, qq({"n": $_})) } 1, 2;
+    my (@out, @answers);
+    for my $i (0, 2) {
+        my $r = $h2->response($sid[$i]);
+        push @out, outcome($r) . ', Preference-Applied: '
+                   . ($r->{headers}{'preference-applied'} // 'none');
+        my $it = body_of($r->{body})->{item} or next;
+        push @answers, [$it->{id}, $it->{version}, $keys[$i], $sid[$i]];
+    }
+    is_deeply(\@out, [('200 item, Preference-Applied: wait=10') x 2],
+              "$what: the two streams still waiting are answered 200 when items come")
+        or diag explain \@out;
+    is_deeply([sort map { $_->[0] } @answers], [sort @ids],
+              "$what: ... with the two items enqueued, one each");
+    is_deeply([AQ::answers_problems(\@answers, queue => $q)], [],
+              "$what: each held by its own key, at the version answered");
+    ok(AQ::Faults::wait_until(10, sub { claim_waiters() == 0 }),
+       "$what: nobody waits any more");
+    is(scalar AQ::dbh()->selectrow_array(
+           q{SELECT count(*) FROM annotation_queue.items WHERE claimed_by = ?},
+           undef, AQ::key_id($keys[1])),
+       0, "$what: the reset stream's key holds nothing");
+    ok(!$h2->closed, "$what: nginx kept the connection open") or diag $h2->closed;
+    $h2->close;
+}
+
 for my $t (qw(tls h2c)) {
     reset_streams($t);
     drop_connection($t);
+    long_poll($t);
 }
 
 is_deeply(AQ::Faults::worker_pids($ngx), $worker, 'the worker is the same process throughout');
