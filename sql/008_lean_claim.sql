@@ -7,9 +7,9 @@
 -- lean claim reads it on the key's row, which it reads anyway, and sends
 -- such a key's claims to the wide claim, which probes exclusions for
 -- every candidate.  A probe of exclusions in the lean claim itself, even
--- of an empty table, made every claim 15 to 25 microseconds slower (one
--- more relation and its indexes opened and locked per execution;
--- bench/README.md, "Two statements side by side").  Once set it stays:
+-- of an empty table, made every claim 15 to 25 microseconds slower, about
+-- 7 of them for the table being in the plan at all, read or not
+-- (bench/README.md, "Two statements side by side").  Once set it stays:
 -- exclusions are never removed but with their queue, and a key that had
 -- some is likely to have more.
 --
